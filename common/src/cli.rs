@@ -1,0 +1,58 @@
+//! Command-line options every daemon shares, following QEMU's vhost-user "backend program
+//! conventions": `--socket-path`, `--fd`, `--print-capabilities`; plus `--client` and
+//! `--log-level`. Daemons embed [`ServeArgs`] with `#[command(flatten)]`.
+
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+
+use crate::serve::{inherited_fd, systemd_socket, Endpoint, ServeError};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Unix socket to listen on for the VMM (or, with --client, to connect to).
+    #[arg(long, value_name = "PATH", conflicts_with = "fd")]
+    pub socket_path: Option<PathBuf>,
+
+    /// Inherited socket descriptor: a listening socket (frontends are accepted on it) or a
+    /// connected one (served once).
+    #[arg(long, value_name = "FDNUM")]
+    pub fd: Option<RawFd>,
+
+    /// Connect to a VMM listening on --socket-path (QEMU `-chardev socket,server=on,wait=off`)
+    /// instead of listening; reconnects with backoff whenever the connection drops.
+    #[arg(long, requires = "socket_path")]
+    pub client: bool,
+
+    /// Print the backend's capabilities as JSON and exit.
+    #[arg(long)]
+    pub print_capabilities: bool,
+
+    /// Log filter (error, warn, info, debug, trace, or a tracing directive); overrides RUST_LOG.
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    #[error("one of --socket-path, --fd or a systemd socket (LISTEN_FDS) is required")]
+    Missing,
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+}
+
+impl ServeArgs {
+    /// Where frontends come from: `--fd`, then a systemd-activated socket, then `--socket-path`.
+    pub fn endpoint(&self) -> Result<Endpoint, EndpointError> {
+        if let Some(fd) = self.fd {
+            return Ok(Endpoint::Inherited(inherited_fd(fd)?));
+        }
+        if let Some(fd) = systemd_socket()? {
+            return Ok(Endpoint::Inherited(fd));
+        }
+        match (&self.socket_path, self.client) {
+            (Some(p), true) => Ok(Endpoint::Connect(p.clone())),
+            (Some(p), false) => Ok(Endpoint::Listen(p.clone())),
+            (None, _) => Err(EndpointError::Missing),
+        }
+    }
+}

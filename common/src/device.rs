@@ -1,0 +1,176 @@
+//! What a daemon implements: the [`Device`] (features, config space, queue handlers) and a
+//! [`QueueHandler`] per queue, which the engine drives on that queue's worker thread.
+
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+
+use crate::memory::GuestMemory;
+use crate::notify::Signal;
+use crate::vring::{AvailChain, Desc, RingError, SplitRing};
+
+/// Errors a device reports to the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("config access at offset {offset} of {len} bytes is outside the config space")]
+    ConfigRange { offset: u32, len: usize },
+    #[error("config field at offset {0} is read-only")]
+    ConfigReadOnly(u32),
+    #[error("features {0:#x} were not offered")]
+    UnofferedFeatures(u64),
+    #[error("cannot set up queue {index}")]
+    Queue {
+        index: u16,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// A virtio device served over vhost-user.
+pub trait Device: Send + Sync + 'static {
+    type Handler: QueueHandler;
+
+    /// Virtio feature bits offered (device bits plus ring bits such as EVENT_IDX); the engine adds
+    /// `VHOST_USER_F_PROTOCOL_FEATURES` itself.
+    fn features(&self) -> u64;
+
+    /// Protocol features the device needs on top of the engine's own (MQ, REPLY_ACK,
+    /// CONFIGURE_MEM_SLOTS), e.g. CONFIG.
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::empty()
+    }
+
+    /// Number of queues offered.
+    fn num_queues(&self) -> u16;
+
+    /// Largest queue size accepted.
+    fn max_queue_size(&self) -> u16;
+
+    /// Reads `out.len()` bytes of config space at `offset`.
+    fn read_config(&self, offset: u32, out: &mut [u8]) -> Result<(), DeviceError> {
+        Err(DeviceError::ConfigRange {
+            offset,
+            len: out.len(),
+        })
+    }
+
+    /// Writes config space (e.g. the blk writeback flag).
+    fn write_config(&self, offset: u32, data: &[u8]) -> Result<(), DeviceError> {
+        Err(DeviceError::ConfigRange {
+            offset,
+            len: data.len(),
+        })
+    }
+
+    /// The frontend acked `features`; called before any queue starts.
+    fn set_features(&self, _features: u64) -> Result<(), DeviceError> {
+        Ok(())
+    }
+
+    /// Creates the handler for queue `index`, started with the acked `features`.
+    fn queue_handler(&self, index: u16, features: u64) -> Result<Self::Handler, DeviceError>;
+
+    /// The frontend went away; forget per-connection state.
+    fn disconnected(&self) {}
+
+    /// Log counters (SIGUSR1).
+    fn report(&self) {}
+}
+
+/// How a pass over the queue ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// No more work right now: the ring is empty or the device waits for its own event source.
+    Idle,
+    /// The handler stopped taking chains because it is at capacity (e.g. all I/O slots busy); it
+    /// will continue when one of its event sources fires.
+    Saturated,
+}
+
+/// The per-queue part of a device, run on the queue's own worker thread.
+pub trait QueueHandler: Send + 'static {
+    /// Descriptors (besides the kick eventfd) whose readiness should wake the worker, e.g. an
+    /// io_uring completion eventfd or a TAP queue. Registered edge-triggered: on each wake-up the
+    /// handler must consume what is ready.
+    fn event_sources(&self) -> Vec<RawFd> {
+        Vec::new()
+    }
+
+    /// Takes and completes as much work as possible.
+    fn process(&mut self, queue: &mut QueueCtx<'_>) -> Result<Progress, RingError>;
+
+    /// Completes every request that was taken but not yet completed; called before the ring
+    /// stops so that `GET_VRING_BASE` can report a consistent index.
+    fn drain(&mut self, queue: &mut QueueCtx<'_>) -> Result<(), RingError>;
+}
+
+/// A handler's view of its ring during one pass: take chains, complete them. Completions are
+/// published and the guest interrupted (only when it asked) once the pass ends.
+#[derive(Debug)]
+pub struct QueueCtx<'a> {
+    mem: &'a Arc<GuestMemory>,
+    ring: &'a mut SplitRing,
+    completed: u32,
+}
+
+impl<'a> QueueCtx<'a> {
+    pub(crate) fn new(mem: &'a Arc<GuestMemory>, ring: &'a mut SplitRing) -> Self {
+        Self {
+            mem,
+            ring,
+            completed: 0,
+        }
+    }
+
+    /// Guest memory for this pass.
+    pub fn mem(&self) -> &GuestMemory {
+        self.mem
+    }
+
+    /// A reference to guest memory that keeps the current mappings alive, for requests that
+    /// outlive this pass (asynchronous I/O).
+    pub fn mem_arc(&self) -> Arc<GuestMemory> {
+        Arc::clone(self.mem)
+    }
+
+    /// Takes the next available chain; its descriptors go into `descs`.
+    pub fn pop(&mut self, descs: &mut Vec<Desc>) -> Result<Option<AvailChain>, RingError> {
+        self.ring.pop(self.mem, descs)
+    }
+
+    /// Chains the guest has made available and we have not taken yet.
+    pub fn pending(&mut self) -> Result<u16, RingError> {
+        self.ring.pending(self.mem)
+    }
+
+    /// Returns a chain to the guest with `len` bytes written into it.
+    pub fn complete(&mut self, head: u16, len: u32) -> Result<(), RingError> {
+        if self.ring.push_used(self.mem, head, len)? {
+            self.completed = self.completed.saturating_add(1);
+        }
+        Ok(())
+    }
+
+    /// Completions since the last flush.
+    pub fn completed(&self) -> u32 {
+        self.completed
+    }
+
+    /// Publishes completions and interrupts the guest if it wants to be.
+    pub fn flush(&mut self, call: &Signal) -> Result<(), RingError> {
+        if self.completed == 0 {
+            return Ok(());
+        }
+        self.completed = 0;
+        self.ring.publish_used(self.mem)?;
+        if self.ring.needs_signal(self.mem)? {
+            call.signal();
+        }
+        Ok(())
+    }
+
+    pub(crate) fn ring(&mut self) -> &mut SplitRing {
+        self.ring
+    }
+}

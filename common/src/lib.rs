@@ -1,0 +1,20 @@
+//! Bulkhead's shared engine: the backend side of vhost-user for devices that run as their own
+//! process. It owns the protocol, the guest memory table, split virtqueues, the per-queue worker
+//! threads and the serve loop; devices plug in through [`device::Device`].
+
+pub mod capabilities;
+pub mod cli;
+pub mod device;
+pub mod logging;
+pub mod memory;
+pub mod notify;
+pub mod protocol;
+pub mod ratelimit;
+pub mod serve;
+pub mod session;
+pub mod signals;
+pub mod vring;
+mod worker;
+
+pub use device::{Device, DeviceError, Progress, QueueCtx, QueueHandler};
+pub use memory::GuestMemory;

@@ -1,0 +1,4 @@
+//! vhost-user wire format and message framing.
+
+pub mod channel;
+pub mod wire;

@@ -1,0 +1,271 @@
+//! The serve loop: get a frontend connection (listen, connect, or an inherited socket), run a
+//! session until it ends, and go back for the next frontend, until a termination signal.
+//!
+//! The device is fully built before this is called, so no connection is ever accepted by a daemon
+//! that cannot serve it (QEMU 7.2 wedges if a handshake is cut short).
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::device::Device;
+use crate::session::{Session, SessionEnd};
+use crate::signals::{Signals, Wait};
+
+/// Where frontends come from.
+#[derive(Debug)]
+pub enum Endpoint {
+    /// Create a listening socket at this path (a stale socket file is replaced).
+    Listen(PathBuf),
+    /// Connect to a frontend listening at this path (`--client`), retrying with backoff.
+    Connect(PathBuf),
+    /// An inherited socket: listening (accept frontends) or connected (serve it once).
+    Inherited(OwnedFd),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {path}")]
+    Listen {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot accept a connection")]
+    Accept(#[source] io::Error),
+    #[error("inherited descriptor {fd} is not a unix stream socket")]
+    NotASocket {
+        fd: RawFd,
+        #[source]
+        source: io::Error,
+    },
+    #[error("systemd passed {0} sockets; exactly one is supported")]
+    ListenFds(usize),
+}
+
+const BACKOFF_START_MS: u64 = 10;
+const BACKOFF_MAX_MS: u64 = 1000;
+/// First descriptor systemd passes (sd_listen_fds(3)).
+const SD_LISTEN_FDS_START: RawFd = 3;
+
+/// Serves frontends until SIGTERM/SIGINT. Returns `Ok` on a clean shutdown, or when an inherited
+/// connected socket's single session ended.
+pub fn serve<D: Device>(
+    device: Arc<D>,
+    endpoint: Endpoint,
+    signals: &Signals,
+) -> Result<(), ServeError> {
+    match endpoint {
+        Endpoint::Listen(path) => {
+            let listener = listen(&path)?;
+            let _cleanup = RemoveOnDrop(path);
+            accept_loop(&device, &listener, signals)
+        }
+        Endpoint::Connect(path) => {
+            sd_notify("READY=1");
+            while let Some(stream) = connect_with_backoff(&path, signals) {
+                tracing::info!(path = %path.display(), "connected to frontend");
+                if run_session(&device, stream, signals) == SessionEnd::Shutdown {
+                    break;
+                }
+            }
+            Ok(())
+        }
+        Endpoint::Inherited(fd) => {
+            let raw = fd.as_raw_fd();
+            if is_listening(&fd).map_err(|source| ServeError::NotASocket { fd: raw, source })? {
+                let listener = UnixListener::from(fd);
+                accept_loop(&device, &listener, signals)
+            } else {
+                sd_notify("READY=1");
+                let stream = UnixStream::from(fd);
+                run_session(&device, stream, signals);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The socket systemd passed (`LISTEN_PID`/`LISTEN_FDS`), if any; consumed once.
+pub fn systemd_socket() -> Result<Option<OwnedFd>, ServeError> {
+    let pid_matches = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        .is_some_and(|p| p == std::process::id());
+    let count = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok());
+    std::env::remove_var("LISTEN_PID");
+    std::env::remove_var("LISTEN_FDS");
+    std::env::remove_var("LISTEN_FDNAMES");
+    match (pid_matches, count) {
+        (true, Some(1)) => {
+            set_cloexec(SD_LISTEN_FDS_START);
+            // SAFETY: systemd handed this process descriptor 3 for it to own.
+            Ok(Some(unsafe { OwnedFd::from_raw_fd(SD_LISTEN_FDS_START) }))
+        }
+        (true, Some(0)) | (false, _) | (_, None) => Ok(None),
+        (true, Some(n)) => Err(ServeError::ListenFds(n)),
+    }
+}
+
+/// Takes ownership of an inherited descriptor number (`--fd N`).
+pub fn inherited_fd(fd: RawFd) -> Result<OwnedFd, ServeError> {
+    // SAFETY: F_GETFD only queries the descriptor.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(ServeError::NotASocket {
+            fd,
+            source: io::Error::last_os_error(),
+        });
+    }
+    set_cloexec(fd);
+    // SAFETY: the user told us this descriptor is ours; it is open (checked above).
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn accept_loop<D: Device>(
+    device: &Arc<D>,
+    listener: &UnixListener,
+    signals: &Signals,
+) -> Result<(), ServeError> {
+    sd_notify("READY=1");
+    tracing::info!("waiting for frontends");
+    loop {
+        match signals.wait_readable(listener.as_fd()) {
+            Wait::Shutdown => return Ok(()),
+            Wait::Report => {
+                device.report();
+                continue;
+            }
+            Wait::Readable => {}
+        }
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if is_transient(&e) => continue,
+            Err(e) => return Err(ServeError::Accept(e)),
+        };
+        tracing::info!("frontend connected");
+        if run_session(device, stream, signals) == SessionEnd::Shutdown {
+            return Ok(());
+        }
+    }
+}
+
+fn run_session<D: Device>(device: &Arc<D>, stream: UnixStream, signals: &Signals) -> SessionEnd {
+    let end = Session::new(Arc::clone(device), stream).run(signals);
+    match end {
+        SessionEnd::Disconnected => tracing::info!("frontend disconnected"),
+        SessionEnd::Shutdown => {
+            sd_notify("STOPPING=1");
+            tracing::info!("shutting down");
+        }
+    }
+    end
+}
+
+fn listen(path: &Path) -> Result<UnixListener, ServeError> {
+    let err = |source| ServeError::Listen {
+        path: path.to_owned(),
+        source,
+    };
+    match UnixListener::bind(path) {
+        Ok(l) => Ok(l),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+            // A socket file left by a previous instance: replace it unless someone listens.
+            if UnixStream::connect(path).is_ok() {
+                return Err(err(e));
+            }
+            std::fs::remove_file(path).map_err(err)?;
+            UnixListener::bind(path).map_err(err)
+        }
+        Err(e) => Err(err(e)),
+    }
+}
+
+fn connect_with_backoff(path: &Path, signals: &Signals) -> Option<UnixStream> {
+    let mut delay = BACKOFF_START_MS;
+    loop {
+        match UnixStream::connect(path) {
+            Ok(s) => return Some(s),
+            Err(e) => tracing::debug!(path = %path.display(), "connect failed, retrying: {e}"),
+        }
+        let ms = i32::try_from(delay).unwrap_or(i32::MAX);
+        if signals.sleep(ms) == Some(Wait::Shutdown) {
+            return None;
+        }
+        delay = (delay.saturating_mul(2)).min(BACKOFF_MAX_MS);
+    }
+}
+
+fn is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINTR | libc::ECONNABORTED | libc::EAGAIN | libc::EMFILE | libc::ENFILE)
+    )
+}
+
+fn is_listening(fd: &OwnedFd) -> io::Result<bool> {
+    let mut val: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `val`.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&raw mut val).cast(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(val != 0)
+}
+
+fn set_cloexec(fd: RawFd) {
+    // SAFETY: sets FD_CLOEXEC on a descriptor this process owns.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+}
+
+/// Tells systemd (`Type=notify`) about our state; a no-op without `NOTIFY_SOCKET`.
+pub fn sd_notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(_) => return,
+    };
+    let bytes = path.as_encoded_bytes();
+    let result = if let Some(abstract_name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)
+            .and_then(|addr| sock.send_to_addr(state.as_bytes(), &addr))
+    } else {
+        sock.send_to(state.as_bytes(), Path::new(&path))
+    };
+    if let Err(e) = result {
+        tracing::warn!("sd_notify failed: {e}");
+    }
+}
+
+/// Removes the socket file we created when the daemon exits.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Sleeps between retries in tests and tools without a signal set.
+pub fn backoff_delay(attempt: u32) -> Duration {
+    let ms = BACKOFF_START_MS
+        .saturating_mul(1u64 << attempt.min(10))
+        .min(BACKOFF_MAX_MS);
+    Duration::from_millis(ms)
+}

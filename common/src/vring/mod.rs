@@ -1,0 +1,7 @@
+//! Split virtqueues, device side.
+
+pub mod chain;
+pub mod split;
+
+pub use chain::{ChainError, Desc};
+pub use split::{AvailChain, RingAddrs, RingError, SplitRing, MAX_QUEUE_SIZE};

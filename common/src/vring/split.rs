@@ -1,0 +1,255 @@
+//! The device side of a split virtqueue: taking chains from the available ring, returning them
+//! on the used ring, and deciding when the guest needs an interrupt (EVENT_IDX or the NO_INTERRUPT
+//! flag). Every device uses this one implementation.
+//!
+//! Not `virtio_queue::Queue`: it publishes the used index after every element (we batch, which
+//! inflight tracking's `last_batch_head` relies on), ignores `VRING_AVAIL_F_NO_INTERRUPT`, and
+//! its chain iterator hides errors (see `chain.rs`).
+
+#![warn(clippy::arithmetic_side_effects, clippy::indexing_slicing)]
+
+use std::num::Wrapping;
+use std::sync::atomic::{fence, Ordering};
+
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+
+use super::chain::{self, ChainError, Desc, WalkLimits, DESC_SIZE};
+use crate::memory::GuestMemory;
+
+const AVAIL_F_NO_INTERRUPT: u16 = 1;
+const USED_F_NO_NOTIFY: u16 = 1;
+/// Largest queue a split ring may have.
+pub const MAX_QUEUE_SIZE: u16 = 32768;
+
+/// Guest-physical addresses of a ring's three parts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RingAddrs {
+    pub desc: GuestAddress,
+    pub avail: GuestAddress,
+    pub used: GuestAddress,
+}
+
+/// Errors that make the whole ring unusable until the frontend sets it up again.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RingError {
+    #[error("queue size {0} is not a power of two in 1..=32768")]
+    BadSize(u16),
+    #[error("ring part {0} is misaligned or outside guest memory")]
+    BadAddress(&'static str),
+    #[error("guest memory access to the ring failed")]
+    Memory,
+    #[error("available index moved by {0}, more than the queue size")]
+    AvailIndexJump(u16),
+}
+
+/// A chain taken from the available ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AvailChain {
+    pub head: u16,
+    /// Set when the chain is malformed; the descriptors read so far are unusable.
+    pub error: Option<ChainError>,
+}
+
+/// State of one split ring.
+#[derive(Debug)]
+pub struct SplitRing {
+    size: u16,
+    addrs: RingAddrs,
+    event_idx: bool,
+    indirect: bool,
+    next_avail: Wrapping<u16>,
+    /// Last available index read from the guest; saves a guest read per chain.
+    shadow_avail: Wrapping<u16>,
+    next_used: Wrapping<u16>,
+    /// Used index at the last notification decision.
+    signalled_used: Wrapping<u16>,
+}
+
+impl SplitRing {
+    /// Validates the layout against guest memory. `next_avail` comes from `SET_VRING_BASE`;
+    /// the used index is read back from the guest (it survives a backend restart there).
+    pub fn new(
+        mem: &GuestMemory,
+        size: u16,
+        addrs: RingAddrs,
+        next_avail: u16,
+        event_idx: bool,
+        indirect: bool,
+    ) -> Result<Self, RingError> {
+        if size == 0 || size > MAX_QUEUE_SIZE || !size.is_power_of_two() {
+            return Err(RingError::BadSize(size));
+        }
+        let n = u64::from(size);
+        check_part(mem, addrs.desc, n * DESC_SIZE, 16, "descriptor table")?;
+        check_part(mem, addrs.avail, 6 + 2 * n, 2, "available ring")?;
+        check_part(mem, addrs.used, 6 + 8 * n, 4, "used ring")?;
+        let used_idx: u16 = mem
+            .load(addrs.used.unchecked_add(2), Ordering::Acquire)
+            .map_err(|_| RingError::Memory)?;
+        Ok(Self {
+            size,
+            addrs,
+            event_idx,
+            indirect,
+            next_avail: Wrapping(next_avail),
+            shadow_avail: Wrapping(next_avail),
+            next_used: Wrapping(used_idx),
+            signalled_used: Wrapping(used_idx),
+        })
+    }
+
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+
+    pub fn next_avail(&self) -> u16 {
+        self.next_avail.0
+    }
+
+    pub fn next_used(&self) -> u16 {
+        self.next_used.0
+    }
+
+    pub fn event_idx(&self) -> bool {
+        self.event_idx
+    }
+
+    /// Steps `next_avail` back over `count` chains that were taken but never executed, so a later
+    /// start (after a restart on the guest side) takes them again.
+    pub fn rewind_avail(&mut self, count: u16) {
+        self.next_avail -= Wrapping(count);
+    }
+
+    fn avail_idx(&self, mem: &GuestMemory) -> Result<Wrapping<u16>, RingError> {
+        let idx: u16 = mem
+            .load(self.addrs.avail.unchecked_add(2), Ordering::Acquire)
+            .map_err(|_| RingError::Memory)?;
+        Ok(Wrapping(u16::from_le(idx)))
+    }
+
+    /// Number of chains the guest made available that we have not taken.
+    pub fn pending(&mut self, mem: &GuestMemory) -> Result<u16, RingError> {
+        let idx = self.avail_idx(mem)?;
+        let pending = (idx - self.next_avail).0;
+        if pending > self.size {
+            return Err(RingError::AvailIndexJump(pending));
+        }
+        self.shadow_avail = idx;
+        Ok(pending)
+    }
+
+    /// Takes the next available chain, copying its descriptors into `descs`.
+    pub fn pop(
+        &mut self,
+        mem: &GuestMemory,
+        descs: &mut Vec<Desc>,
+    ) -> Result<Option<AvailChain>, RingError> {
+        if self.shadow_avail == self.next_avail && self.pending(mem)? == 0 {
+            return Ok(None);
+        }
+        let slot = u64::from(self.next_avail.0 % self.size);
+        let head: u16 = mem
+            .load(
+                self.addrs.avail.unchecked_add(4 + 2 * slot),
+                Ordering::Relaxed,
+            )
+            .map_err(|_| RingError::Memory)?;
+        let head = u16::from_le(head);
+        self.next_avail += Wrapping(1);
+        let limits = WalkLimits {
+            queue_size: self.size,
+            indirect: self.indirect,
+        };
+        let error = chain::walk(mem, self.addrs.desc, head, limits, descs).err();
+        Ok(Some(AvailChain { head, error }))
+    }
+
+    /// Writes a used element; the guest sees it after [`publish_used`](Self::publish_used).
+    /// A head beyond the queue size (from a malformed chain) is dropped: it names no buffer.
+    pub fn push_used(&mut self, mem: &GuestMemory, head: u16, len: u32) -> Result<bool, RingError> {
+        if head >= self.size {
+            return Ok(false);
+        }
+        let slot = u64::from(self.next_used.0 % self.size);
+        let at = self.addrs.used.unchecked_add(4 + 8 * slot);
+        let elem = (u64::from(len) << 32 | u64::from(head)).to_le();
+        mem.write_obj(elem, at).map_err(|_| RingError::Memory)?;
+        self.next_used += Wrapping(1);
+        Ok(true)
+    }
+
+    /// Makes every pushed element visible to the guest.
+    pub fn publish_used(&mut self, mem: &GuestMemory) -> Result<(), RingError> {
+        mem.store(
+            self.next_used.0.to_le(),
+            self.addrs.used.unchecked_add(2),
+            Ordering::Release,
+        )
+        .map_err(|_| RingError::Memory)
+    }
+
+    /// Whether the guest wants an interrupt for the elements published since the last call.
+    pub fn needs_signal(&mut self, mem: &GuestMemory) -> Result<bool, RingError> {
+        let old = self.signalled_used;
+        let new = self.next_used;
+        if old == new {
+            return Ok(false);
+        }
+        // Order the used index store before reading the guest's suppression state.
+        fence(Ordering::SeqCst);
+        self.signalled_used = new;
+        if self.event_idx {
+            let at = self.addrs.avail.unchecked_add(4 + 2 * u64::from(self.size));
+            let used_event: u16 = mem
+                .load(at, Ordering::Relaxed)
+                .map_err(|_| RingError::Memory)?;
+            let used_event = Wrapping(u16::from_le(used_event));
+            // vring_need_event: signal if used_event lies in [old, new).
+            Ok(new - used_event - Wrapping(1) < new - old)
+        } else {
+            let flags: u16 = mem
+                .load(self.addrs.avail, Ordering::Relaxed)
+                .map_err(|_| RingError::Memory)?;
+            Ok(u16::from_le(flags) & AVAIL_F_NO_INTERRUPT == 0)
+        }
+    }
+
+    /// Asks the guest to kick for new buffers. Returns true if buffers arrived meanwhile, in which
+    /// case the caller must keep processing (a kick for them may never come).
+    pub fn enable_notifications(&mut self, mem: &GuestMemory) -> Result<bool, RingError> {
+        if self.event_idx {
+            let at = self.addrs.used.unchecked_add(4 + 8 * u64::from(self.size));
+            mem.store(self.next_avail.0.to_le(), at, Ordering::Relaxed)
+                .map_err(|_| RingError::Memory)?;
+        } else {
+            mem.store(0u16, self.addrs.used, Ordering::Relaxed)
+                .map_err(|_| RingError::Memory)?;
+        }
+        fence(Ordering::SeqCst);
+        Ok(self.pending(mem)? != 0)
+    }
+
+    /// Tells the guest kicks are not needed while we are processing anyway.
+    pub fn disable_notifications(&mut self, mem: &GuestMemory) -> Result<(), RingError> {
+        if !self.event_idx {
+            mem.store(USED_F_NO_NOTIFY.to_le(), self.addrs.used, Ordering::Relaxed)
+                .map_err(|_| RingError::Memory)?;
+        }
+        // With EVENT_IDX, avail_event is left behind as we advance, which suppresses kicks.
+        Ok(())
+    }
+}
+
+fn check_part(
+    mem: &GuestMemory,
+    addr: GuestAddress,
+    len: u64,
+    align: u64,
+    what: &'static str,
+) -> Result<(), RingError> {
+    let len = usize::try_from(len).map_err(|_| RingError::BadAddress(what))?;
+    if addr.0 % align != 0 || !mem.check_range(addr, len) {
+        return Err(RingError::BadAddress(what));
+    }
+    Ok(())
+}

@@ -1,0 +1,178 @@
+//! One thread per started queue. It sleeps in epoll on the queue's kick eventfd, a stop eventfd
+//! and the handler's own event sources, and runs the handler when any fires. Nothing is shared
+//! with other queues' workers except the (lock-free) guest memory snapshot.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::device::{Progress, QueueCtx, QueueHandler};
+use crate::guest_warn;
+use crate::memory::GuestMemory;
+use crate::notify::Signal;
+use crate::vring::{RingError, SplitRing};
+
+/// What woke the worker, as carried in the epoll event data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wake {
+    Kick,
+    Stop,
+    Source,
+}
+
+impl Wake {
+    fn token(self) -> u64 {
+        self as u64
+    }
+    fn from_token(t: u64) -> Self {
+        match t {
+            0 => Wake::Kick,
+            1 => Wake::Stop,
+            _ => Wake::Source,
+        }
+    }
+}
+
+/// Everything a worker needs to run a queue.
+#[derive(Debug)]
+pub(crate) struct WorkerSpec<H> {
+    pub index: u16,
+    pub handler: H,
+    pub ring: SplitRing,
+    pub kick: EventFd,
+    pub call: Arc<Signal>,
+    pub err: Arc<Signal>,
+    pub mem: GuestMemoryAtomic<GuestMemory>,
+}
+
+/// A running worker.
+#[derive(Debug)]
+pub(crate) struct Worker {
+    stop: EventFd,
+    thread: JoinHandle<(SplitRing, EventFd)>,
+}
+
+impl Worker {
+    pub fn spawn<H: QueueHandler>(spec: WorkerSpec<H>) -> io::Result<Self> {
+        let stop = EventFd::new(EFD_NONBLOCK)?;
+        let stop_for_thread = stop.try_clone()?;
+        let epoll = Epoll::new()?;
+        add(&epoll, spec.kick.as_raw_fd(), Wake::Kick, EventSet::IN)?;
+        add(&epoll, stop.as_raw_fd(), Wake::Stop, EventSet::IN)?;
+        for fd in spec.handler.event_sources() {
+            add(
+                &epoll,
+                fd,
+                Wake::Source,
+                EventSet::IN | EventSet::EDGE_TRIGGERED,
+            )?;
+        }
+        let thread = std::thread::Builder::new()
+            .name(format!("queue-{}", spec.index))
+            .spawn(move || run(spec, epoll, stop_for_thread))?;
+        Ok(Self { stop, thread })
+    }
+
+    /// Stops the worker after it completed every request in flight; returns the ring state and
+    /// the kick eventfd.
+    pub fn stop(self) -> Option<(SplitRing, EventFd)> {
+        let _ = self.stop.write(1);
+        self.thread.join().ok()
+    }
+}
+
+fn add(epoll: &Epoll, fd: RawFd, wake: Wake, events: EventSet) -> io::Result<()> {
+    epoll.ctl(
+        ControlOperation::Add,
+        fd,
+        EpollEvent::new(events, wake.token()),
+    )
+}
+
+fn run<H: QueueHandler>(
+    mut spec: WorkerSpec<H>,
+    epoll: Epoll,
+    stop: EventFd,
+) -> (SplitRing, EventFd) {
+    let mut broken = false;
+    // Chains may already be waiting (a restarted backend): look before the first kick.
+    pass(&mut spec, &mut broken);
+    let mut events = [EpollEvent::default(); 8];
+    'outer: loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::error!(queue = spec.index, "epoll failed, queue stops: {e}");
+                break;
+            }
+        };
+        for ev in events.iter().take(n) {
+            match Wake::from_token(ev.data()) {
+                Wake::Stop => break 'outer,
+                Wake::Kick => {
+                    let _ = spec.kick.read();
+                }
+                Wake::Source => {}
+            }
+        }
+        if !broken {
+            pass(&mut spec, &mut broken);
+        }
+    }
+    let _ = stop.read();
+    finish(&mut spec);
+    (spec.ring, spec.kick)
+}
+
+/// Runs the handler until the ring is empty (or the handler saturated), with guest kicks
+/// suppressed meanwhile, then re-enables them and checks for a race with a late buffer.
+fn pass<H: QueueHandler>(spec: &mut WorkerSpec<H>, broken: &mut bool) {
+    let mem = spec.mem.memory().into_inner();
+    if let Err(e) = pass_inner(spec, &mem) {
+        guest_warn!(
+            queue = spec.index,
+            "ring unusable until the frontend resets it: {e}"
+        );
+        spec.err.signal();
+        *broken = true;
+    }
+}
+
+fn pass_inner<H: QueueHandler>(
+    spec: &mut WorkerSpec<H>,
+    mem: &Arc<GuestMemory>,
+) -> Result<(), RingError> {
+    loop {
+        spec.ring.disable_notifications(mem)?;
+        let mut ctx = QueueCtx::new(mem, &mut spec.ring);
+        let progress = spec.handler.process(&mut ctx)?;
+        ctx.flush(&spec.call)?;
+        if progress == Progress::Saturated {
+            return Ok(());
+        }
+        if !ctx.ring().enable_notifications(mem)? {
+            return Ok(());
+        }
+    }
+}
+
+fn finish<H: QueueHandler>(spec: &mut WorkerSpec<H>) {
+    let mem = spec.mem.memory().into_inner();
+    let mut ctx = QueueCtx::new(&mem, &mut spec.ring);
+    let result = spec
+        .handler
+        .drain(&mut ctx)
+        .and_then(|()| ctx.flush(&spec.call));
+    if let Err(e) = result {
+        guest_warn!(
+            queue = spec.index,
+            "could not complete requests while stopping: {e}"
+        );
+    }
+}

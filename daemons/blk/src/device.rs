@@ -1,0 +1,182 @@
+//! The virtio-blk device: what it offers the frontend and the state its queues share.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bulkhead_common::{Device, DeviceError};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
+    VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_TOPOLOGY,
+    VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+
+use crate::config_space::{self, Geometry, CONFIG_LEN, WCE_OFFSET};
+use crate::disk::Disk;
+use crate::io::sync::ID_BYTES;
+use crate::io::IoEngine;
+use crate::queue::BlkQueue;
+
+/// Data segments per request we accept, advertised as `seg_max`. QEMU's default queue size is
+/// 128; a guest never builds a chain longer than `seg_max + 2` descriptors, so this keeps every
+/// chain within that queue size.
+pub const SEG_MAX: u32 = 126;
+
+/// What the queues of one device share.
+#[derive(Debug)]
+pub struct Shared {
+    pub disk: Disk,
+    pub serial: [u8; ID_BYTES],
+    /// The guest's cache mode (config `wce`): true = write-back, flushes make writes durable.
+    writeback: AtomicBool,
+    /// The guest negotiated FLUSH; without it the device must be write-through.
+    flush_negotiated: AtomicBool,
+}
+
+impl Shared {
+    /// Whether each write must be durable before it completes.
+    pub fn writethrough(&self) -> bool {
+        !(self.writeback.load(Ordering::Relaxed) && self.flush_negotiated.load(Ordering::Relaxed))
+    }
+}
+
+/// Construction parameters.
+#[derive(Debug, Clone)]
+pub struct BlkOptions {
+    pub num_queues: u16,
+    pub queue_size: u16,
+    pub engine: IoEngine,
+    pub serial: [u8; ID_BYTES],
+}
+
+#[derive(Debug)]
+pub struct BlkDevice {
+    shared: Arc<Shared>,
+    opts: BlkOptions,
+}
+
+impl BlkDevice {
+    pub fn new(disk: Disk, opts: BlkOptions) -> Self {
+        let shared = Shared {
+            disk,
+            serial: opts.serial,
+            writeback: AtomicBool::new(true),
+            flush_negotiated: AtomicBool::new(false),
+        };
+        Self {
+            shared: Arc::new(shared),
+            opts,
+        }
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    fn geometry(&self) -> Geometry {
+        Geometry {
+            capacity_bytes: self.shared.disk.capacity(),
+            seg_max: SEG_MAX,
+            logical_block: self.shared.disk.logical_block(),
+            physical_block: self.shared.disk.physical_block(),
+            num_queues: self.opts.num_queues,
+        }
+    }
+}
+
+const fn bit(b: u32) -> u64 {
+    1 << b
+}
+
+impl Device for BlkDevice {
+    type Handler = BlkQueue;
+
+    fn features(&self) -> u64 {
+        let mut f = bit(VIRTIO_F_VERSION_1)
+            | bit(VIRTIO_RING_F_EVENT_IDX)
+            | bit(VIRTIO_RING_F_INDIRECT_DESC)
+            | bit(VIRTIO_BLK_F_SEG_MAX)
+            | bit(VIRTIO_BLK_F_BLK_SIZE)
+            | bit(VIRTIO_BLK_F_TOPOLOGY)
+            | bit(VIRTIO_BLK_F_FLUSH)
+            | bit(VIRTIO_BLK_F_CONFIG_WCE)
+            | bit(VIRTIO_BLK_F_MQ);
+        if self.shared.disk.read_only() {
+            f |= bit(VIRTIO_BLK_F_RO);
+        } else {
+            f |= bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES);
+        }
+        f
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+    }
+
+    fn num_queues(&self) -> u16 {
+        self.opts.num_queues
+    }
+
+    fn max_queue_size(&self) -> u16 {
+        self.opts.queue_size
+    }
+
+    fn read_config(&self, offset: u32, out: &mut [u8]) -> Result<(), DeviceError> {
+        let cfg = config_space::build(
+            &self.geometry(),
+            self.shared.writeback.load(Ordering::Relaxed),
+        );
+        let start = offset as usize;
+        let range_err = DeviceError::ConfigRange {
+            offset,
+            len: out.len(),
+        };
+        let end = start.checked_add(out.len()).ok_or(range_err)?;
+        // Beyond the fields we define the space reads as zero (newer frontends ask for more).
+        out.fill(0);
+        if start < CONFIG_LEN {
+            let avail = cfg.get(start..end.min(CONFIG_LEN)).unwrap_or_default();
+            if let Some(dst) = out.get_mut(..avail.len()) {
+                dst.copy_from_slice(avail);
+            }
+        }
+        Ok(())
+    }
+
+    fn write_config(&self, offset: u32, data: &[u8]) -> Result<(), DeviceError> {
+        match (offset as usize, data) {
+            (WCE_OFFSET, [wce]) => {
+                self.shared.writeback.store(*wce != 0, Ordering::Relaxed);
+                tracing::info!(writeback = *wce != 0, "guest changed the write cache mode");
+                Ok(())
+            }
+            _ => Err(DeviceError::ConfigReadOnly(offset)),
+        }
+    }
+
+    fn set_features(&self, features: u64) -> Result<(), DeviceError> {
+        self.shared
+            .flush_negotiated
+            .store(features & bit(VIRTIO_BLK_F_FLUSH) != 0, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn queue_handler(&self, index: u16, _features: u64) -> Result<BlkQueue, DeviceError> {
+        BlkQueue::new(
+            Arc::clone(&self.shared),
+            self.opts.engine,
+            self.opts.queue_size,
+        )
+        .map_err(|e| DeviceError::Queue {
+            index,
+            source: Box::new(e),
+        })
+    }
+
+    fn disconnected(&self) {
+        // A new frontend is a new guest driver: the cache mode starts over at its default.
+        self.shared.writeback.store(true, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,255 @@
+//! The io_uring engine: reads, writes and flushes of one queue are submitted together and complete
+//! out of order, so a queue keeps many requests in flight with one syscall per batch. Completions
+//! are announced on an eventfd the queue's worker waits on.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+
+use bulkhead_common::GuestMemory;
+use io_uring::{opcode, types, IoUring};
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::iov;
+use super::sync::{transfer_all, Dir, Outcome, SyncIo};
+use crate::request::{Op, Request, Segment};
+
+/// What a request in flight needs at completion.
+#[derive(Debug)]
+struct Slot {
+    head: u16,
+    status: GuestAddress,
+    kind: SlotKind,
+    iovs: Vec<libc::iovec>,
+    /// Keeps the guest memory mappings the iovecs point into alive until the kernel is done.
+    mem: Option<Arc<GuestMemory>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum SlotKind {
+    Read {
+        offset: u64,
+        len: u64,
+    },
+    Write {
+        offset: u64,
+        len: u64,
+        flags: libc::c_int,
+    },
+    Flush,
+}
+
+/// Why a request was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotQueued {
+    /// Run it synchronously instead (discard, get-id, misaligned O_DIRECT buffers).
+    RunSync,
+    /// Its buffers are not in guest memory: fail it.
+    BadBuffers,
+}
+
+/// A finished request.
+#[derive(Debug, Clone, Copy)]
+pub struct Done {
+    pub head: u16,
+    pub status: GuestAddress,
+    pub outcome: Outcome,
+}
+
+/// The engine of one queue.
+pub struct Uring {
+    ring: IoUring,
+    eventfd: EventFd,
+    slots: Vec<Slot>,
+    free: Vec<u16>,
+}
+
+impl std::fmt::Debug for Uring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Uring")
+            .field("in_flight", &self.in_flight())
+            .finish()
+    }
+}
+
+impl Uring {
+    pub fn new(depth: u16) -> io::Result<Self> {
+        let depth = depth.max(1);
+        let ring = IoUring::new(u32::from(depth))?;
+        let eventfd = EventFd::new(EFD_NONBLOCK)?;
+        ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
+        let slots = (0..depth)
+            .map(|_| Slot {
+                head: 0,
+                status: GuestAddress(0),
+                kind: SlotKind::Flush,
+                iovs: Vec::new(),
+                mem: None,
+            })
+            .collect();
+        let free = (0..depth).rev().collect();
+        Ok(Self {
+            ring,
+            eventfd,
+            slots,
+            free,
+        })
+    }
+
+    pub fn eventfd(&self) -> RawFd {
+        self.eventfd.as_raw_fd()
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.free.is_empty()
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// Queues `req` (submitted at the next [`submit`](Self::submit)).
+    pub fn queue(
+        &mut self,
+        sync: &SyncIo<'_>,
+        mem: &Arc<GuestMemory>,
+        head: u16,
+        req: &Request,
+        data: &[Segment],
+    ) -> Result<(), NotQueued> {
+        let kind = match &req.op {
+            Op::Read { offset, len } => SlotKind::Read {
+                offset: *offset,
+                len: *len,
+            },
+            Op::Write { offset, len } => SlotKind::Write {
+                offset: *offset,
+                len: *len,
+                flags: sync.write_flags(),
+            },
+            Op::Flush => SlotKind::Flush,
+            Op::GetId { .. } | Op::Discard(_) | Op::WriteZeroes(_) => {
+                return Err(NotQueued::RunSync)
+            }
+        };
+        let Some(&index) = self.free.last() else {
+            return Err(NotQueued::RunSync);
+        };
+        let slot = self
+            .slots
+            .get_mut(usize::from(index))
+            .ok_or(NotQueued::RunSync)?;
+        if !matches!(kind, SlotKind::Flush) {
+            iov::build(mem, data, &mut slot.iovs).map_err(|_| NotQueued::BadBuffers)?;
+            if sync.needs_bounce(&slot.iovs) {
+                return Err(NotQueued::RunSync);
+            }
+        }
+        let fd = types::Fd(sync.disk.file().as_raw_fd());
+        let iov_ptr = slot.iovs.as_ptr();
+        let iov_len = u32::try_from(slot.iovs.len()).map_err(|_| NotQueued::BadBuffers)?;
+        let entry = match kind {
+            SlotKind::Read { offset, .. } => opcode::Readv::new(fd, iov_ptr, iov_len)
+                .offset(offset)
+                .build(),
+            SlotKind::Write { offset, flags, .. } => opcode::Writev::new(fd, iov_ptr, iov_len)
+                .offset(offset)
+                .rw_flags(flags)
+                .build(),
+            SlotKind::Flush => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+        }
+        .user_data(u64::from(index));
+        // SAFETY: the iovecs and the guest memory they point into live in `slot` (with `mem`)
+        // until the completion for `index` is reaped; the slot is not reused before that.
+        let pushed = unsafe { self.ring.submission().push(&entry) };
+        if pushed.is_err() {
+            return Err(NotQueued::RunSync);
+        }
+        slot.head = head;
+        slot.status = req.status;
+        slot.kind = kind;
+        slot.mem = Some(Arc::clone(mem));
+        self.free.pop();
+        Ok(())
+    }
+
+    /// Hands queued requests to the kernel.
+    pub fn submit(&mut self) -> io::Result<()> {
+        if self.ring.submission().is_empty() {
+            return Ok(());
+        }
+        loop {
+            match self.ring.submit() {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Blocks until at least one request completes.
+    pub fn wait(&mut self) -> io::Result<()> {
+        match self.ring.submit_and_wait(1) {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Collects finished requests into `done` without blocking.
+    pub fn reap(&mut self, sync: &SyncIo<'_>, done: &mut Vec<Done>) {
+        let _ = self.eventfd.read();
+        let finished: Vec<(u64, i32)> = self
+            .ring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect();
+        for (user_data, result) in finished {
+            let Ok(index) = u16::try_from(user_data) else {
+                continue;
+            };
+            let Some(slot) = self.slots.get_mut(usize::from(index)) else {
+                continue;
+            };
+            let outcome = finish(sync, slot, result);
+            done.push(Done {
+                head: slot.head,
+                status: slot.status,
+                outcome,
+            });
+            slot.mem = None;
+            self.free.push(index);
+        }
+    }
+}
+
+/// Turns a completion result into an outcome, finishing a short transfer synchronously.
+fn finish(sync: &SyncIo<'_>, slot: &mut Slot, result: i32) -> Outcome {
+    if result < 0 {
+        let e = io::Error::from_raw_os_error(-result);
+        bulkhead_common::guest_warn!("I/O error on {}: {e}", sync.disk.path().display());
+        return Outcome::FAILED;
+    }
+    let moved = u64::from(result.unsigned_abs());
+    let (expected, offset, dir, flags) = match slot.kind {
+        SlotKind::Flush => return Outcome::ok(0),
+        SlotKind::Read { offset, len } => (len, offset, Dir::Read, 0),
+        SlotKind::Write { offset, len, flags } => (len, offset, Dir::Write, flags),
+    };
+    if moved < expected {
+        iov::advance(&mut slot.iovs, moved as usize);
+        if let Err(e) = transfer_all(sync.disk, &mut slot.iovs, offset + moved, dir, flags) {
+            bulkhead_common::guest_warn!("I/O error on {}: {e}", sync.disk.path().display());
+            return Outcome::FAILED;
+        }
+    }
+    let written = if dir == Dir::Read {
+        u32::try_from(expected).unwrap_or(u32::MAX)
+    } else {
+        0
+    };
+    Outcome::ok(written)
+}

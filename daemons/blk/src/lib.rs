@@ -1,0 +1,73 @@
+//! vhost-user-blk: a virtio-blk device served over vhost-user, on Bulkhead's engine.
+//!
+//! The library part exists so that the harness can run the very same device in-process.
+
+pub mod config;
+pub mod config_space;
+pub mod device;
+pub mod disk;
+pub mod io;
+pub mod queue;
+pub mod request;
+
+use std::sync::Arc;
+
+use bulkhead_common::capabilities::Capabilities;
+use bulkhead_common::serve::{self, ServeError};
+use bulkhead_common::signals::Signals;
+
+pub use config::{Args, Config};
+pub use device::{BlkDevice, BlkOptions};
+
+/// `--print-capabilities` output.
+pub fn capabilities() -> String {
+    Capabilities {
+        kind: "block",
+        features: &["read-only", "blk-file"],
+    }
+    .to_json()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot open the disk")]
+    Disk(#[from] disk::DiskError),
+    #[error("cannot set up signal handling")]
+    Signals(#[source] std::io::Error),
+    #[error("no endpoint to serve on")]
+    Endpoint(#[from] bulkhead_common::cli::EndpointError),
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+}
+
+/// Opens the disk, then serves frontends until SIGTERM/SIGINT.
+pub fn run(config: Config) -> Result<(), RunError> {
+    // Before any thread exists, so that every thread inherits the blocked signal mask.
+    let signals = Signals::install().map_err(RunError::Signals)?;
+    let disk = disk::Disk::open(&disk::DiskOptions {
+        path: config.blk_file.clone(),
+        read_only: config.read_only,
+        direct: config.direct,
+    })?;
+    tracing::info!(
+        file = %config.blk_file.display(),
+        capacity = disk.capacity(),
+        read_only = config.read_only,
+        direct = config.direct,
+        engine = ?config.io_engine,
+        queues = config.queues,
+        "disk opened"
+    );
+    let endpoint = config.serve.endpoint()?;
+    let device = BlkDevice::new(
+        disk,
+        BlkOptions {
+            num_queues: config.queues,
+            queue_size: config.queue_size,
+            engine: config.io_engine,
+            serial: config.serial,
+        },
+    );
+    serve::serve(Arc::new(device), endpoint, &signals)?;
+    Ok(())
+}

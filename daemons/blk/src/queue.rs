@@ -1,0 +1,190 @@
+//! One virtio-blk queue: take chains, parse them, execute them (synchronously or through
+//! io_uring), write the status and complete. A bad chain gets an error status; the queue goes on.
+
+use std::io;
+use std::sync::Arc;
+
+use bulkhead_common::vring::{Desc, RingError};
+use bulkhead_common::{guest_warn, Progress, QueueCtx, QueueHandler};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::device::{Shared, SEG_MAX};
+use crate::io::sync::{Outcome, SyncIo};
+use crate::io::uring::{Done, NotQueued, Uring};
+use crate::io::IoEngine;
+use crate::request::{self, Limits, Segment};
+
+#[derive(Debug)]
+pub struct BlkQueue {
+    shared: Arc<Shared>,
+    uring: Option<Uring>,
+    descs: Vec<Desc>,
+    data: Vec<Segment>,
+    iovs: Vec<libc::iovec>,
+    done: Vec<Done>,
+}
+
+// SAFETY: the raw pointers in `iovs` are scratch values rebuilt for every request and only used
+// on the thread that owns the queue; nothing aliases them across threads.
+unsafe impl Send for BlkQueue {}
+
+impl BlkQueue {
+    pub fn new(shared: Arc<Shared>, engine: IoEngine, queue_size: u16) -> io::Result<Self> {
+        let uring = match engine {
+            IoEngine::Sync => None,
+            IoEngine::IoUring => Some(Uring::new(queue_size)?),
+        };
+        Ok(Self {
+            shared,
+            uring,
+            descs: Vec::new(),
+            data: Vec::new(),
+            iovs: Vec::new(),
+            done: Vec::new(),
+        })
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            capacity: self.shared.disk.capacity(),
+            read_only: self.shared.disk.read_only(),
+            max_segments: SEG_MAX as usize,
+        }
+    }
+
+    /// Handles the chain just popped into `self.descs`.
+    fn handle(&mut self, ctx: &mut QueueCtx<'_>, head: u16) -> Result<(), RingError> {
+        let limits = self.limits();
+        let req = match request::parse(ctx.mem(), &self.descs, &limits, &mut self.data) {
+            Ok(r) => r,
+            Err((e, status)) => {
+                guest_warn!(head, "bad request: {e}");
+                return finish(ctx, head, status, e.status(), 0);
+            }
+        };
+        let sync = sync_io(&self.shared);
+        if let Some(uring) = self.uring.as_mut() {
+            let mem = ctx.mem_arc();
+            match uring.queue(&sync, &mem, head, &req, &self.data) {
+                Ok(()) => return Ok(()),
+                Err(NotQueued::BadBuffers) => {
+                    return finish_outcome(ctx, head, req.status, Outcome::FAILED)
+                }
+                Err(NotQueued::RunSync) => {}
+            }
+        }
+        let outcome = sync.execute(ctx.mem(), &req, &self.data, &mut self.iovs);
+        finish_outcome(ctx, head, req.status, outcome)
+    }
+
+    fn reap(&mut self, ctx: &mut QueueCtx<'_>) -> Result<(), RingError> {
+        let Some(uring) = self.uring.as_mut() else {
+            return Ok(());
+        };
+        let sync = sync_io(&self.shared);
+        uring.reap(&sync, &mut self.done);
+        for d in self.done.drain(..) {
+            finish_outcome(ctx, d.head, d.status, d.outcome)?;
+        }
+        Ok(())
+    }
+
+    fn submit(&mut self) {
+        if let Some(uring) = self.uring.as_mut() {
+            if let Err(e) = uring.submit() {
+                tracing::error!("io_uring submit failed (will retry): {e}");
+            }
+        }
+    }
+}
+
+fn sync_io(shared: &Shared) -> SyncIo<'_> {
+    SyncIo {
+        disk: &shared.disk,
+        serial: &shared.serial,
+        writethrough: shared.writethrough(),
+    }
+}
+
+/// Writes the status byte (if there is one) and completes the chain.
+fn finish(
+    ctx: &mut QueueCtx<'_>,
+    head: u16,
+    status_at: Option<GuestAddress>,
+    status: Option<u8>,
+    written: u32,
+) -> Result<(), RingError> {
+    let used = match (status_at, status) {
+        (Some(at), Some(s)) if ctx.mem().write_obj(s, at).is_ok() => written.saturating_add(1),
+        _ => 0,
+    };
+    ctx.complete(head, used)
+}
+
+fn finish_outcome(
+    ctx: &mut QueueCtx<'_>,
+    head: u16,
+    status_at: GuestAddress,
+    outcome: Outcome,
+) -> Result<(), RingError> {
+    let status = if outcome.ok {
+        virtio_bindings::virtio_blk::VIRTIO_BLK_S_OK
+    } else {
+        virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR
+    };
+    let written = if outcome.ok { outcome.written } else { 0 };
+    finish(
+        ctx,
+        head,
+        Some(status_at),
+        u8::try_from(status).ok(),
+        written,
+    )
+}
+
+impl QueueHandler for BlkQueue {
+    fn event_sources(&self) -> Vec<std::os::fd::RawFd> {
+        self.uring
+            .as_ref()
+            .map(|u| vec![u.eventfd()])
+            .unwrap_or_default()
+    }
+
+    fn process(&mut self, ctx: &mut QueueCtx<'_>) -> Result<Progress, RingError> {
+        self.reap(ctx)?;
+        let mut progress = Progress::Idle;
+        loop {
+            if self.uring.as_ref().is_some_and(Uring::is_full) {
+                progress = Progress::Saturated;
+                break;
+            }
+            let mut descs = std::mem::take(&mut self.descs);
+            let popped = ctx.pop(&mut descs);
+            self.descs = descs;
+            let Some(chain) = popped? else { break };
+            if let Some(e) = chain.error {
+                guest_warn!(head = chain.head, "malformed chain: {e}");
+                ctx.complete(chain.head, 0)?;
+                continue;
+            }
+            self.handle(ctx, chain.head)?;
+        }
+        self.submit();
+        self.reap(ctx)?;
+        Ok(progress)
+    }
+
+    fn drain(&mut self, ctx: &mut QueueCtx<'_>) -> Result<(), RingError> {
+        self.submit();
+        while self.uring.as_ref().is_some_and(|u| u.in_flight() > 0) {
+            if let Some(u) = self.uring.as_mut() {
+                if let Err(e) = u.wait() {
+                    tracing::error!("io_uring wait failed while draining: {e}");
+                    break;
+                }
+            }
+            self.reap(ctx)?;
+        }
+        Ok(())
+    }
+}
