@@ -2,6 +2,17 @@
 //! process. It owns the protocol, the guest memory table, split virtqueues, the per-queue worker
 //! threads and the serve loop; devices plug in through [`device::Device`].
 
+#![cfg_attr(
+    test,
+    allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing,
+        clippy::arithmetic_side_effects
+    )
+)]
+
 pub mod capabilities;
 pub mod cli;
 pub mod device;

@@ -156,7 +156,12 @@ impl MemoryTable {
         self.regions
             .iter()
             .find(|r| user_addr >= r.user_addr && user_addr < r.user_end())
-            .map(|r| GuestAddress(r.guest_phys_addr.saturating_add(user_addr - r.user_addr)))
+            .map(|r| {
+                GuestAddress(
+                    r.guest_phys_addr
+                        .saturating_add(user_addr.saturating_sub(r.user_addr)),
+                )
+            })
     }
 
     /// The memory map workers use.
@@ -193,7 +198,7 @@ impl MemoryTable {
             .checked_add(size)
             .ok_or(MemoryError::Overflow(gpa, size))?;
         let map_len = usize::try_from(size).map_err(|_| MemoryError::Overflow(gpa, size))?;
-        if offset % page_size() != 0 {
+        if !offset.is_multiple_of(page_size()) {
             return Err(MemoryError::UnalignedOffset(offset));
         }
         for r in &self.regions {

@@ -1,1 +1,7 @@
-//! placeholder
+//! The VMM's side of Bulkhead: a synthetic vhost-user frontend (guest RAM, rings, device drivers),
+//! a kit to run the daemons, and a guest kit that boots QEMU.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+pub mod daemon;
+pub mod fixture;
+pub mod frontend;

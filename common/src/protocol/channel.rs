@@ -62,7 +62,7 @@ impl Channel {
         }
         if got < HEADER_SIZE {
             let rest = header_bytes.get_mut(got..).ok_or(ChannelError::Truncated)?;
-            read_exact_or_truncated(&mut self.sock, rest)?;
+            read_exact_or_truncated(&self.sock, rest)?;
         }
         let header = Header::from_slice(&header_bytes)
             .copied()
@@ -70,7 +70,7 @@ impl Channel {
         header.validate()?;
         // `validate` bounded the size, so this allocation is at most MAX_PAYLOAD_SIZE.
         let mut payload = vec![0u8; header.size as usize];
-        read_exact_or_truncated(&mut self.sock, &mut payload)?;
+        read_exact_or_truncated(&self.sock, &mut payload)?;
         Ok(Some(Message {
             header,
             payload,
@@ -176,8 +176,10 @@ fn recv_with_fds(
             // SAFETY: CMSG_DATA points at the payload of this control message.
             let data = unsafe { libc::CMSG_DATA(hdr) }.cast::<RawFd>();
             for i in 0..count {
-                // SAFETY: `i < count` keeps the read within cmsg_len; the data may be unaligned.
-                let fd = unsafe { data.add(i).read_unaligned() };
+                // SAFETY: `i < count` keeps the pointer within cmsg_len.
+                let slot = unsafe { data.add(i) };
+                // SAFETY: `slot` points at an initialised descriptor number, possibly unaligned.
+                let fd = unsafe { slot.read_unaligned() };
                 // SAFETY: SCM_RIGHTS gave this process a new descriptor that nothing else owns.
                 fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
             }
@@ -200,7 +202,7 @@ fn send_with_fds(sock: &UnixStream, bytes: &[u8], fds: &[RawFd]) -> Result<usize
         if fds.len() > CMSG_FDS {
             return Err(ChannelError::TooManyFdsToSend(fds.len()));
         }
-        let data_len = fds.len() * size_of::<RawFd>();
+        let data_len = std::mem::size_of_val(fds);
         msg.msg_control = cmsg.as_mut_ptr().cast();
         // SAFETY: CMSG_SPACE is a pure computation on a small length.
         msg.msg_controllen = unsafe { libc::CMSG_SPACE(data_len as u32) } as usize;
@@ -212,11 +214,11 @@ fn send_with_fds(sock: &UnixStream, bytes: &[u8], fds: &[RawFd]) -> Result<usize
         c.cmsg_type = libc::SCM_RIGHTS;
         // SAFETY: CMSG_LEN is a pure computation.
         c.cmsg_len = unsafe { libc::CMSG_LEN(data_len as u32) } as usize;
-        // SAFETY: CMSG_DATA of our header has room for `fds.len()` descriptors (CMSG_SPACE above);
-        // the copy may be unaligned.
-        unsafe {
-            std::ptr::copy_nonoverlapping(fds.as_ptr().cast::<u8>(), libc::CMSG_DATA(hdr), data_len)
-        };
+        // SAFETY: hdr is the control message header filled in above.
+        let dst = unsafe { libc::CMSG_DATA(hdr) };
+        // SAFETY: `dst` has room for `fds.len()` descriptors (CMSG_SPACE above); a byte copy has
+        // no alignment requirement.
+        unsafe { std::ptr::copy_nonoverlapping(fds.as_ptr().cast::<u8>(), dst, data_len) };
     }
     loop {
         // SAFETY: msg references the iovec and control buffer above, both alive for the call.

@@ -5,3 +5,6 @@ pub mod split;
 
 pub use chain::{ChainError, Desc};
 pub use split::{AvailChain, RingAddrs, RingError, SplitRing, MAX_QUEUE_SIZE};
+
+#[cfg(test)]
+mod tests;

@@ -80,9 +80,21 @@ impl SplitRing {
             return Err(RingError::BadSize(size));
         }
         let n = u64::from(size);
-        check_part(mem, addrs.desc, n * DESC_SIZE, 16, "descriptor table")?;
-        check_part(mem, addrs.avail, 6 + 2 * n, 2, "available ring")?;
-        check_part(mem, addrs.used, 6 + 8 * n, 4, "used ring")?;
+        check_part(
+            mem,
+            addrs.desc,
+            DESC_SIZE.saturating_mul(n),
+            16,
+            "descriptor table",
+        )?;
+        check_part(
+            mem,
+            addrs.avail,
+            ring_bytes(AVAIL_ELEM, n),
+            2,
+            "available ring",
+        )?;
+        check_part(mem, addrs.used, ring_bytes(USED_ELEM, n), 4, "used ring")?;
         let used_idx: u16 = mem
             .load(addrs.used.unchecked_add(2), Ordering::Acquire)
             .map_err(|_| RingError::Memory)?;
@@ -96,6 +108,11 @@ impl SplitRing {
             next_used: Wrapping(used_idx),
             signalled_used: Wrapping(used_idx),
         })
+    }
+
+    /// Ring slot of a free-running index (the size is a power of two).
+    fn slot(&self, index: Wrapping<u16>) -> u64 {
+        u64::from(index.0 & self.size.wrapping_sub(1))
     }
 
     pub fn size(&self) -> u16 {
@@ -147,12 +164,9 @@ impl SplitRing {
         if self.shadow_avail == self.next_avail && self.pending(mem)? == 0 {
             return Ok(None);
         }
-        let slot = u64::from(self.next_avail.0 % self.size);
+        let slot = self.slot(self.next_avail);
         let head: u16 = mem
-            .load(
-                self.addrs.avail.unchecked_add(4 + 2 * slot),
-                Ordering::Relaxed,
-            )
+            .load(elem(self.addrs.avail, AVAIL_ELEM, slot), Ordering::Relaxed)
             .map_err(|_| RingError::Memory)?;
         let head = u16::from_le(head);
         self.next_avail += Wrapping(1);
@@ -170,8 +184,7 @@ impl SplitRing {
         if head >= self.size {
             return Ok(false);
         }
-        let slot = u64::from(self.next_used.0 % self.size);
-        let at = self.addrs.used.unchecked_add(4 + 8 * slot);
+        let at = elem(self.addrs.used, USED_ELEM, self.slot(self.next_used));
         let elem = (u64::from(len) << 32 | u64::from(head)).to_le();
         mem.write_obj(elem, at).map_err(|_| RingError::Memory)?;
         self.next_used += Wrapping(1);
@@ -199,7 +212,7 @@ impl SplitRing {
         fence(Ordering::SeqCst);
         self.signalled_used = new;
         if self.event_idx {
-            let at = self.addrs.avail.unchecked_add(4 + 2 * u64::from(self.size));
+            let at = elem(self.addrs.avail, AVAIL_ELEM, u64::from(self.size));
             let used_event: u16 = mem
                 .load(at, Ordering::Relaxed)
                 .map_err(|_| RingError::Memory)?;
@@ -218,7 +231,7 @@ impl SplitRing {
     /// case the caller must keep processing (a kick for them may never come).
     pub fn enable_notifications(&mut self, mem: &GuestMemory) -> Result<bool, RingError> {
         if self.event_idx {
-            let at = self.addrs.used.unchecked_add(4 + 8 * u64::from(self.size));
+            let at = elem(self.addrs.used, USED_ELEM, u64::from(self.size));
             mem.store(self.next_avail.0.to_le(), at, Ordering::Relaxed)
                 .map_err(|_| RingError::Memory)?;
         } else {
@@ -240,6 +253,28 @@ impl SplitRing {
     }
 }
 
+/// Bytes of the ring header (flags and index) before the elements.
+const RING_HEADER: u64 = 4;
+const AVAIL_ELEM: u64 = 2;
+const USED_ELEM: u64 = 8;
+
+/// Address of element `index` of a ring at `base` (index `size` is the trailing event field).
+/// Indexes are at most the queue size, so nothing here can overflow; saturation only keeps the
+/// arithmetic total.
+fn elem(base: GuestAddress, elem_size: u64, index: u64) -> GuestAddress {
+    GuestAddress(
+        base.0
+            .saturating_add(RING_HEADER.saturating_add(elem_size.saturating_mul(index))),
+    )
+}
+
+/// Bytes of a ring with `n` elements, including header and event field.
+fn ring_bytes(elem_size: u64, n: u64) -> u64 {
+    RING_HEADER
+        .saturating_add(elem_size.saturating_mul(n))
+        .saturating_add(2)
+}
+
 fn check_part(
     mem: &GuestMemory,
     addr: GuestAddress,
@@ -248,7 +283,7 @@ fn check_part(
     what: &'static str,
 ) -> Result<(), RingError> {
     let len = usize::try_from(len).map_err(|_| RingError::BadAddress(what))?;
-    if addr.0 % align != 0 || !mem.check_range(addr, len) {
+    if !addr.0.is_multiple_of(align) || !mem.check_range(addr, len) {
         return Err(RingError::BadAddress(what));
     }
     Ok(())

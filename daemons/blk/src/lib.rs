@@ -2,6 +2,17 @@
 //!
 //! The library part exists so that the harness can run the very same device in-process.
 
+#![cfg_attr(
+    test,
+    allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing,
+        clippy::arithmetic_side_effects
+    )
+)]
+
 pub mod config;
 pub mod config_space;
 pub mod device;

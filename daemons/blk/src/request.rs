@@ -341,10 +341,10 @@ fn read_ranges(
     capacity: u64,
 ) -> Result<Vec<Range>, ParseError> {
     let seg = u64::from(SEGMENT_SIZE);
-    if bytes == 0 || bytes % seg != 0 || bytes / seg > u64::from(MAX_DISCARD_SEGMENTS) {
+    let count = bytes.checked_div(seg).unwrap_or(0);
+    if count == 0 || !bytes.is_multiple_of(seg) || count > u64::from(MAX_DISCARD_SEGMENTS) {
         return Err(ParseError::BadRanges);
     }
-    let count = bytes / seg;
     let mut ranges = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
     for i in 0..count {
         let at = u64::from(HEADER_SIZE).saturating_add(i.saturating_mul(seg));
@@ -372,3 +372,7 @@ fn read_ranges(
     }
     Ok(ranges)
 }
+
+#[cfg(test)]
+#[path = "request_tests.rs"]
+mod tests;

@@ -72,5 +72,5 @@ pub fn advance(iov: &mut Vec<libc::iovec>, mut n: usize) {
 /// Whether every buffer and length is aligned as O_DIRECT requires.
 pub fn aligned(iov: &[libc::iovec], align: usize) -> bool {
     iov.iter()
-        .all(|v| (v.iov_base as usize) % align == 0 && v.iov_len % align == 0)
+        .all(|v| (v.iov_base as usize).is_multiple_of(align) && v.iov_len.is_multiple_of(align))
 }

@@ -214,8 +214,8 @@ pub fn transfer_all(
     Ok(())
 }
 
-fn each(ranges: &[Range], mut f: impl FnMut(&Range) -> io::Result<()>) -> io::Result<()> {
-    ranges.iter().try_for_each(|r| f(r))
+fn each(ranges: &[Range], f: impl FnMut(&Range) -> io::Result<()>) -> io::Result<()> {
+    ranges.iter().try_for_each(f)
 }
 
 fn write_id(

@@ -1,0 +1,261 @@
+//! Running the real daemon binaries: spawn, wait until ready (sd_notify READY=1, the same signal
+//! systemd waits for), stop, kill, and inspect their descriptors and mappings.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// The workspace's target profile directory holding the daemon binaries.
+pub fn bin_dir() -> Result<PathBuf> {
+    // Integration tests run from target/<profile>/deps/<test>; binaries live in target/<profile>.
+    let exe = std::env::current_exe()?;
+    let mut dir = exe
+        .parent()
+        .context("test binary has no parent")?
+        .to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    Ok(dir)
+}
+
+/// Path of a workspace binary, checking it was built.
+pub fn binary(name: &str) -> Result<PathBuf> {
+    let p = bin_dir()?.join(name);
+    if !p.exists() {
+        bail!("{} not found: build the workspace first (cargo build --workspace, same profile as the tests)", p.display());
+    }
+    Ok(p)
+}
+
+/// A unique scratch directory under the system temp dir, removed on drop.
+#[derive(Debug)]
+pub struct Scratch {
+    pub path: PathBuf,
+}
+
+impl Scratch {
+    pub fn new(tag: &str) -> Result<Self> {
+        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("bulkhead-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path)?;
+        Ok(Self { path })
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A running daemon process. Dropping it kills it.
+#[derive(Debug)]
+pub struct Daemon {
+    child: Option<Child>,
+    log: Arc<Mutex<String>>,
+    notify: UnixDatagram,
+    _notify_path: PathBuf,
+    pub name: String,
+}
+
+impl Daemon {
+    /// Starts `binary` with `args` and waits for READY=1.
+    pub fn start(binary_name: &str, args: &[String], scratch: &Scratch) -> Result<Self> {
+        let mut d = Self::spawn(binary_name, args, scratch, |_| {})?;
+        d.wait_ready(Duration::from_secs(20))?;
+        Ok(d)
+    }
+
+    /// Starts without waiting; `tweak` may adjust the command (environment, descriptors).
+    pub fn spawn(
+        binary_name: &str,
+        args: &[String],
+        scratch: &Scratch,
+        tweak: impl FnOnce(&mut Command),
+    ) -> Result<Self> {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let notify_path = scratch.join(&format!("notify-{n}.sock"));
+        let _ = std::fs::remove_file(&notify_path);
+        let notify = UnixDatagram::bind(&notify_path)?;
+        let mut cmd = Command::new(binary(binary_name)?);
+        cmd.args(args)
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env(
+                "RUST_LOG",
+                std::env::var("BULKHEAD_DAEMON_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        tweak(&mut cmd);
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("spawning {binary_name}"))?;
+        let log = Arc::new(Mutex::new(String::new()));
+        if let Some(err) = child.stderr.take() {
+            let log = Arc::clone(&log);
+            let tag = format!("[{binary_name} {}]", child.id());
+            std::thread::spawn(move || {
+                for line in BufReader::new(err).lines().map_while(Result::ok) {
+                    if std::env::var_os("BULKHEAD_SHOW_DAEMON_LOG").is_some() {
+                        eprintln!("{tag} {line}");
+                    }
+                    if let Ok(mut l) = log.lock() {
+                        l.push_str(&line);
+                        l.push('\n');
+                    }
+                }
+            });
+        }
+        Ok(Self {
+            child: Some(child),
+            log,
+            notify,
+            _notify_path: notify_path,
+            name: binary_name.to_owned(),
+        })
+    }
+
+    /// Waits for the daemon's READY=1 notification.
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut buf = [0u8; 256];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                bail!(
+                    "{} not ready within {timeout:?}; log:\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+            if let Some(status) = self.try_wait()? {
+                bail!(
+                    "{} exited with {status} before becoming ready; log:\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+            self.notify
+                .set_read_timeout(Some(left.min(Duration::from_millis(200))))?;
+            if let Ok(n) = self.notify.recv(&mut buf) {
+                if String::from_utf8_lossy(&buf[..n])
+                    .lines()
+                    .any(|l| l == "READY=1")
+                {
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    pub fn try_wait(&mut self) -> Result<Option<std::process::ExitStatus>> {
+        match self.child.as_mut() {
+            Some(c) => Ok(c.try_wait()?),
+            None => bail!("daemon already reaped"),
+        }
+    }
+
+    /// Sends `signal` and waits for the process to exit.
+    pub fn stop_with(
+        &mut self,
+        signal: i32,
+        timeout: Duration,
+    ) -> Result<std::process::ExitStatus> {
+        let pid = i32::try_from(self.pid())?;
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(pid, signal) };
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.try_wait()? {
+                self.child = None;
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} did not exit within {timeout:?} after signal {signal}",
+                    self.name
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// SIGKILL, like a crash.
+    pub fn kill(&mut self) -> Result<()> {
+        self.stop_with(libc::SIGKILL, Duration::from_secs(5))
+            .map(|_| ())
+    }
+
+    /// Number of open descriptors of the daemon.
+    pub fn fd_count(&self) -> Result<usize> {
+        Ok(std::fs::read_dir(format!("/proc/{}/fd", self.pid()))?.count())
+    }
+
+    /// Number of memory mappings of the daemon.
+    pub fn map_count(&self) -> Result<usize> {
+        Ok(
+            std::fs::read_to_string(format!("/proc/{}/maps", self.pid()))?
+                .lines()
+                .count(),
+        )
+    }
+
+    /// Threads of the daemon.
+    pub fn thread_count(&self) -> Result<usize> {
+        Ok(std::fs::read_dir(format!("/proc/{}/task", self.pid()))?.count())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Waits until `cond` holds, polling; for conditions with no event to wait on (e.g. /proc).
+pub fn eventually(
+    timeout: Duration,
+    what: &str,
+    mut cond: impl FnMut() -> Result<bool>,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond()? {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Connects to a daemon's socket.
+pub fn connect(path: &Path) -> Result<crate::frontend::Connection> {
+    crate::frontend::Connection::connect(path)
+}

@@ -1,0 +1,202 @@
+//! Bringing a vhost-user device up the way QEMU 7.2 does (the message order is QEMU's), and
+//! stopping rings again. Device-specific drivers (blk, net) build on this.
+
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use vhost::vhost_user::message::{FrontendReq, VhostUserProtocolFeatures};
+use vm_memory::GuestAddress;
+
+use super::connection::Connection;
+use super::queue::{borrow, DriverQueue, RingLayout};
+use super::ram::GuestRam;
+
+pub const F_PROTOCOL_FEATURES: u64 = 1 << 30;
+pub const F_EVENT_IDX: u64 = 1 << 29;
+pub const F_INDIRECT: u64 = 1 << 28;
+pub const F_VERSION_1: u64 = 1 << 32;
+
+/// How to set the device up.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    pub queues: u16,
+    pub queue_size: u16,
+    pub event_idx: bool,
+    pub indirect: bool,
+    /// Device feature bits to ack (intersected with what is offered); ring bits are added from
+    /// `event_idx`/`indirect`.
+    pub device_features: u64,
+    /// Send memory as ADD_MEM_REG (CONFIGURE_MEM_SLOTS, as QEMU does when offered) or as one
+    /// SET_MEM_TABLE.
+    pub add_mem_reg: bool,
+    /// Guest RAM regions (guest address, size). The rings live in the first region.
+    pub ram_layout: Vec<(u64, u64)>,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Self {
+            queues: 1,
+            queue_size: 128,
+            event_idx: true,
+            indirect: true,
+            device_features: u64::MAX,
+            add_mem_reg: true,
+            ram_layout: vec![(0, 64 << 20)],
+        }
+    }
+}
+
+/// A connected, started device as the VMM sees it.
+#[derive(Debug)]
+pub struct Frontend {
+    pub conn: Connection,
+    pub ram: GuestRam,
+    pub queues: Vec<DriverQueue>,
+    pub offered: u64,
+    pub acked: u64,
+    pub protocol: VhostUserProtocolFeatures,
+    pub setup: Setup,
+}
+
+/// Where the first data byte may go: after all rings, 1 MiB aligned.
+pub fn data_base(setup: &Setup) -> GuestAddress {
+    let rings = u64::from(setup.queues) * RingLayout::bytes(setup.queue_size);
+    GuestAddress(rings.div_ceil(1 << 20) * (1 << 20))
+}
+
+impl Frontend {
+    /// Runs the whole start-up handshake and starts every queue.
+    pub fn start(mut conn: Connection, setup: Setup) -> Result<Self> {
+        let offered = conn.get_u64(FrontendReq::GET_FEATURES)?;
+        ensure!(
+            offered & F_PROTOCOL_FEATURES != 0,
+            "backend does not offer protocol features"
+        );
+        let proto_offered = conn.get_u64(FrontendReq::GET_PROTOCOL_FEATURES)?;
+        let want = VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+        let protocol = VhostUserProtocolFeatures::from_bits_truncate(proto_offered & want.bits());
+        conn.set_u64(FrontendReq::SET_PROTOCOL_FEATURES, protocol.bits())?;
+        conn.reply_ack = protocol.contains(VhostUserProtocolFeatures::REPLY_ACK);
+        let max_queues = conn.get_u64(FrontendReq::GET_QUEUE_NUM)?;
+        ensure!(
+            max_queues >= u64::from(setup.queues),
+            "backend offers {max_queues} queues"
+        );
+        let use_slots =
+            setup.add_mem_reg && protocol.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS);
+        if use_slots {
+            let slots = conn.get_u64(FrontendReq::GET_MAX_MEM_SLOTS)?;
+            ensure!(
+                slots >= setup.ram_layout.len() as u64,
+                "backend offers {slots} memory slots"
+            );
+        }
+        conn.send(FrontendReq::SET_OWNER, &[], &[])?;
+
+        let ram = GuestRam::with_layout(&setup.ram_layout)?;
+        let mut queues = Vec::new();
+        for q in 0..setup.queues {
+            let base = GuestAddress(u64::from(q) * RingLayout::bytes(setup.queue_size));
+            let layout = RingLayout::at(base, setup.queue_size);
+            queues.push(DriverQueue::new(
+                ram.mem(),
+                setup.queue_size,
+                layout,
+                setup.event_idx,
+            )?);
+        }
+        let mut ring_bits = 0;
+        if setup.event_idx {
+            ring_bits |= F_EVENT_IDX;
+        }
+        if setup.indirect {
+            ring_bits |= F_INDIRECT;
+        }
+        let device_bits = setup.device_features & !(F_EVENT_IDX | F_INDIRECT);
+        let acked = offered & (device_bits | ring_bits | F_PROTOCOL_FEATURES | F_VERSION_1);
+        let mut fe = Self {
+            conn,
+            ram,
+            queues,
+            offered,
+            acked,
+            protocol,
+            setup,
+        };
+        fe.conn.set_u64(FrontendReq::SET_FEATURES, acked)?;
+        fe.send_memory(use_slots)?;
+        for q in 0..fe.setup.queues {
+            fe.start_queue(q, 0)?;
+        }
+        Ok(fe)
+    }
+
+    fn send_memory(&mut self, use_slots: bool) -> Result<()> {
+        let fd = self.ram.fd();
+        if use_slots {
+            for r in self.ram.regions().to_vec() {
+                self.conn.add_mem_reg(&r, fd)?;
+            }
+            Ok(())
+        } else {
+            let regions = self.ram.regions().to_vec();
+            self.conn.set_mem_table(&regions, fd)
+        }
+    }
+
+    /// SET_VRING_NUM/BASE/ADDR/CALL/KICK and ENABLE for queue `q`, starting at `base`.
+    pub fn start_queue(&mut self, q: u16, base: u16) -> Result<()> {
+        let i = u32::from(q);
+        let dq = &self.queues[usize::from(q)];
+        let layout = dq.layout;
+        let (desc, avail, used) = (
+            self.ram.user_addr(layout.desc)?,
+            self.ram.user_addr(layout.avail)?,
+            self.ram.user_addr(layout.used)?,
+        );
+        let call = dq.call.try_clone()?;
+        let kick = dq.kick.try_clone()?;
+        self.conn
+            .set_vring_fd(FrontendReq::SET_VRING_CALL, q as u8, Some(borrow(&call)))?;
+        self.conn.set_vring_state(
+            FrontendReq::SET_VRING_NUM,
+            i,
+            u32::from(self.setup.queue_size),
+        )?;
+        self.conn
+            .set_vring_state(FrontendReq::SET_VRING_BASE, i, u32::from(base))?;
+        self.conn.set_vring_addr(i, desc, used, avail)?;
+        self.conn
+            .set_vring_fd(FrontendReq::SET_VRING_KICK, q as u8, Some(borrow(&kick)))?;
+        self.conn
+            .set_vring_state(FrontendReq::SET_VRING_ENABLE, i, 1)?;
+        Ok(())
+    }
+
+    /// Disables queue `q` and asks for its base, as QEMU does when the guest driver stops.
+    pub fn stop_queue(&mut self, q: u16) -> Result<u32> {
+        self.conn
+            .set_vring_state(FrontendReq::SET_VRING_ENABLE, u32::from(q), 0)?;
+        self.conn.get_vring_base(u32::from(q))
+    }
+
+    pub fn queue(&mut self, q: u16) -> &mut DriverQueue {
+        &mut self.queues[usize::from(q)]
+    }
+
+    /// Splits borrows: the guest memory and one queue.
+    pub fn mem_and_queue(&mut self, q: u16) -> (&vm_memory::GuestMemoryMmap<()>, &mut DriverQueue) {
+        (self.ram.mem(), &mut self.queues[usize::from(q)])
+    }
+
+    pub fn has(&self, bit: u32) -> bool {
+        self.acked & (1 << bit) != 0
+    }
+}
+
+/// Default per-request wait in tests.
+pub const WAIT: Duration = Duration::from_secs(10);

@@ -1,0 +1,13 @@
+//! The synthetic VMM: guest RAM, the vhost-user connection, driver-side rings and device drivers.
+
+pub mod blk;
+pub mod connection;
+pub mod device;
+pub mod queue;
+pub mod ram;
+
+pub use blk::{BlkDriver, BlkOp, Completion};
+pub use connection::Connection;
+pub use device::{Frontend, Setup};
+pub use queue::{Buf, DriverQueue, RingLayout};
+pub use ram::GuestRam;

@@ -1,0 +1,647 @@
+//! vhost-user-blk driven by the synthetic frontend over a real socket: the real binary, a real
+//! image file, guest RAM in a memfd, split rings and eventfds.
+
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::time::Duration;
+
+use anyhow::Result;
+use bulkhead_tests::fixture::{pattern, BlkFixture};
+use bulkhead_tests::frontend::blk::{S_IOERR, S_OK, S_UNSUPP, T_FLUSH, T_IN, T_OUT};
+use bulkhead_tests::frontend::{BlkOp, Buf, Setup};
+use vm_memory::{Bytes, GuestAddress};
+
+const MIB: u64 = 1 << 20;
+const ENGINES: [&str; 2] = ["sync", "io-uring"];
+
+fn start(engine: &str, extra: &[&str]) -> Result<BlkFixture> {
+    let mut args = vec!["--io-engine", engine];
+    args.extend_from_slice(extra);
+    BlkFixture::start(16 * MIB, &args)
+}
+
+#[test]
+fn written_data_reads_back_and_lands_in_the_image() -> Result<()> {
+    for engine in ENGINES {
+        let fx = start(engine, &[])?;
+        let mut d = fx.driver(Setup::default(), 8, 128 * 1024)?;
+        let data = pattern(1, 64 * 1024);
+        d.write(0, 2048, &data)?;
+        assert_eq!(d.read(0, 2048, 64 * 1024)?, data, "{engine}");
+        let mut on_disk = vec![0u8; data.len()];
+        std::fs::File::open(&fx.image)?.read_exact_at(&mut on_disk, 2048 * 512)?;
+        assert_eq!(on_disk, data, "{engine}: image content");
+    }
+    Ok(())
+}
+
+#[test]
+fn read_returns_what_the_host_wrote() -> Result<()> {
+    let fx = start("io-uring", &[])?;
+    let data = pattern(7, 8192);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fx.image)?
+        .write_all_at(&data, 10 * 512)?;
+    let mut d = fx.driver(Setup::default(), 8, 64 * 1024)?;
+    assert_eq!(d.read(0, 10, 8192)?, data);
+    Ok(())
+}
+
+#[test]
+fn segmented_and_indirect_chains_carry_the_same_data() -> Result<()> {
+    for engine in ENGINES {
+        let fx = start(engine, &[])?;
+        let mut d = fx.driver(Setup::default(), 8, 64 * 1024)?;
+        d.data_segments = 5;
+        let data = pattern(2, 16 * 1024);
+        d.write(0, 100, &data)?;
+        d.use_indirect = true;
+        d.data_segments = 7;
+        assert_eq!(d.read(0, 100, 16 * 1024)?, data, "{engine}");
+    }
+    Ok(())
+}
+
+#[test]
+fn flush_completes_ok() -> Result<()> {
+    for engine in ENGINES {
+        let fx = start(engine, &[])?;
+        let mut d = fx.driver(Setup::default(), 8, 4096)?;
+        d.write(0, 0, &pattern(3, 4096))?;
+        let c = d.run(0, &BlkOp::Flush)?;
+        assert_eq!((c.status, c.used_len), (S_OK, 1), "{engine}");
+    }
+    Ok(())
+}
+
+#[test]
+fn get_id_returns_the_configured_serial() -> Result<()> {
+    let fx = start("sync", &["--serial", "bulkhead-disk-0001"])?;
+    let mut d = fx.driver(Setup::default(), 8, 4096)?;
+    let c = d.run(0, &BlkOp::GetId)?;
+    assert_eq!(c.status, S_OK);
+    assert_eq!(&c.data[..18], b"bulkhead-disk-0001");
+    assert_eq!(&c.data[18..], &[0, 0]);
+    assert_eq!(c.used_len, 21);
+    Ok(())
+}
+
+#[test]
+fn discard_punches_a_hole_that_reads_as_zeroes() -> Result<()> {
+    let fx = start("io-uring", &[])?;
+    let mut d = fx.driver(Setup::default(), 8, 1 << 20)?;
+    d.write(0, 0, &pattern(4, 1 << 20))?;
+    let blocks_before = std::fs::metadata(&fx.image)?.blocks();
+    let c = d.run(0, &BlkOp::Discard(vec![(0, 1024, 0), (1536, 512, 0)]))?;
+    assert_eq!(c.status, S_OK);
+    assert!(
+        std::fs::metadata(&fx.image)?.blocks() < blocks_before,
+        "no space released"
+    );
+    let after = d.read(0, 0, 1 << 20)?;
+    assert!(after[..512 * 1024].iter().all(|b| *b == 0));
+    assert_eq!(
+        &after[512 * 1024..768 * 1024],
+        &pattern(4, 1 << 20)[512 * 1024..768 * 1024]
+    );
+    assert!(after[768 * 1024..].iter().all(|b| *b == 0));
+    Ok(())
+}
+
+#[test]
+fn write_zeroes_zeroes_the_range_with_and_without_unmap() -> Result<()> {
+    let fx = start("sync", &[])?;
+    let mut d = fx.driver(Setup::default(), 8, 64 * 1024)?;
+    d.write(0, 0, &pattern(5, 64 * 1024))?;
+    let c = d.run(0, &BlkOp::WriteZeroes(vec![(8, 8, 0), (32, 16, 1)]))?;
+    assert_eq!(c.status, S_OK);
+    let after = d.read(0, 0, 64 * 1024)?;
+    let want = pattern(5, 64 * 1024);
+    for (i, b) in after.iter().enumerate() {
+        let sector = i / 512;
+        let zero = (8..16).contains(&sector) || (32..48).contains(&sector);
+        assert_eq!(*b, if zero { 0 } else { want[i] }, "byte {i}");
+    }
+    Ok(())
+}
+
+#[test]
+fn discard_with_unmap_flag_or_reserved_flags_is_unsupported() -> Result<()> {
+    let fx = start("sync", &[])?;
+    let mut d = fx.driver(Setup::default(), 8, 4096)?;
+    assert_eq!(d.run(0, &BlkOp::Discard(vec![(0, 8, 1)]))?.status, S_UNSUPP);
+    assert_eq!(
+        d.run(0, &BlkOp::WriteZeroes(vec![(0, 8, 2)]))?.status,
+        S_UNSUPP
+    );
+    Ok(())
+}
+
+#[test]
+fn discard_beyond_capacity_returns_ioerr() -> Result<()> {
+    let fx = start("sync", &[])?;
+    let mut d = fx.driver(Setup::default(), 8, 4096)?;
+    let sectors = 16 * MIB / 512;
+    assert_eq!(
+        d.run(0, &BlkOp::Discard(vec![(sectors - 4, 8, 0)]))?.status,
+        S_IOERR
+    );
+    assert_eq!(
+        d.run(0, &BlkOp::WriteZeroes(vec![(u64::MAX / 256, 8, 0)]))?
+            .status,
+        S_IOERR
+    );
+    Ok(())
+}
+
+#[test]
+fn read_only_device_refuses_writes_and_leaves_the_file_untouched() -> Result<()> {
+    let fx = start("io-uring", &["--read-only"])?;
+    let original = pattern(9, 16 * MIB as usize);
+    std::fs::write(&fx.image, &original)?;
+    let mut d = fx.driver(Setup::default(), 8, 64 * 1024)?;
+    assert!(d.fe.offered & (1 << 5) != 0, "VIRTIO_BLK_F_RO offered");
+    assert!(
+        d.fe.offered & (1 << 13) == 0,
+        "no DISCARD on a read-only disk"
+    );
+    let c = d.run(
+        0,
+        &BlkOp::Write {
+            sector: 0,
+            data: vec![0; 4096],
+        },
+    )?;
+    assert_eq!(c.status, S_IOERR);
+    let c = d.run(0, &BlkOp::Discard(vec![(0, 8, 0)]))?;
+    assert_eq!(c.status, S_IOERR);
+    let c = d.run(0, &BlkOp::WriteZeroes(vec![(0, 8, 0)]))?;
+    assert_eq!(c.status, S_IOERR);
+    assert_eq!(d.read(0, 0, 4096)?, original[..4096]);
+    assert_eq!(d.run(0, &BlkOp::Flush)?.status, S_OK);
+    assert!(fx.image_bytes()? == original, "image changed");
+    Ok(())
+}
+
+#[test]
+fn requests_beyond_capacity_return_ioerr() -> Result<()> {
+    for engine in ENGINES {
+        let fx = start(engine, &[])?;
+        let mut d = fx.driver(Setup::default(), 8, 8192)?;
+        let sectors = 16 * MIB / 512;
+        let cases = [
+            BlkOp::Read {
+                sector: sectors,
+                len: 512,
+            },
+            BlkOp::Read {
+                sector: sectors - 1,
+                len: 1024,
+            },
+            BlkOp::Write {
+                sector: sectors - 1,
+                data: vec![1; 1024],
+            },
+            BlkOp::Read {
+                sector: u64::MAX,
+                len: 512,
+            },
+            BlkOp::Read {
+                sector: u64::MAX / 512 + 1,
+                len: 512,
+            },
+        ];
+        for op in &cases {
+            let c = d.run(0, op)?;
+            assert_eq!(c.status, S_IOERR, "{engine}: {op:?}");
+            assert_eq!(c.used_len, 1, "{engine}: {op:?}");
+        }
+        // The last sector itself is fine.
+        d.write(0, sectors - 1, &[7; 512])?;
+        assert_eq!(d.read(0, sectors - 1, 512)?, vec![7; 512]);
+    }
+    Ok(())
+}
+
+#[test]
+fn malformed_requests_get_an_error_status_and_the_queue_goes_on() -> Result<()> {
+    let fx = start("io-uring", &[])?;
+    let mut d = fx.driver(Setup::default(), 8, 8192)?;
+    let cases = [
+        (
+            BlkOp::Raw {
+                kind: T_IN,
+                sector: 0,
+                out_len: 0,
+                in_len: 100,
+            },
+            S_IOERR,
+        ),
+        (
+            BlkOp::Raw {
+                kind: T_OUT,
+                sector: 0,
+                out_len: 513,
+                in_len: 0,
+            },
+            S_IOERR,
+        ),
+        (
+            BlkOp::Raw {
+                kind: T_IN,
+                sector: 0,
+                out_len: 512,
+                in_len: 512,
+            },
+            S_IOERR,
+        ),
+        (
+            BlkOp::Raw {
+                kind: T_OUT,
+                sector: 0,
+                out_len: 512,
+                in_len: 512,
+            },
+            S_IOERR,
+        ),
+        (
+            BlkOp::Raw {
+                kind: T_FLUSH,
+                sector: 0,
+                out_len: 512,
+                in_len: 0,
+            },
+            S_IOERR,
+        ),
+        (
+            BlkOp::Raw {
+                kind: 2,
+                sector: 0,
+                out_len: 0,
+                in_len: 0,
+            },
+            S_UNSUPP,
+        ),
+        (
+            BlkOp::Raw {
+                kind: 0xdead,
+                sector: 0,
+                out_len: 0,
+                in_len: 0,
+            },
+            S_UNSUPP,
+        ),
+        (BlkOp::Discard(vec![]), S_IOERR),
+    ];
+    for (op, want) in &cases {
+        let c = d.run(0, op)?;
+        assert_eq!(c.status, *want, "{op:?}");
+    }
+    d.write(0, 0, &[3; 512])?;
+    assert_eq!(d.read(0, 0, 512)?, vec![3; 512]);
+    Ok(())
+}
+
+/// Hand-built chains that are structurally broken complete with zero length, and the queue keeps
+/// serving.
+#[test]
+fn broken_chains_complete_without_status_and_the_queue_goes_on() -> Result<()> {
+    let fx = start("sync", &[])?;
+    let mut d = fx.driver(Setup::default(), 8, 8192)?;
+    let scratch = GuestAddress(48 << 20);
+    let mem = d.fe.ram.mem().clone();
+    mem.write_slice(&[0u8; 16], scratch)?;
+    let dq = d.fe.queue(0);
+    // 1. A chain without a writable status descriptor (header only).
+    dq.write_desc(&mem, 0, scratch.0, 16, 0, 0)?;
+    // 2. A descriptor loop: 1 -> 2 -> 1.
+    dq.write_desc(&mem, 1, scratch.0, 16, 1, 2)?;
+    dq.write_desc(&mem, 2, scratch.0 + 16, 512, 1 | 2, 1)?;
+    // 3. A next index beyond the queue.
+    dq.write_desc(&mem, 3, scratch.0, 16, 1, 4000)?;
+    // 4. A buffer outside guest RAM.
+    dq.write_desc(&mem, 4, 1 << 40, 16, 1, 5)?;
+    dq.write_desc(&mem, 5, scratch.0 + 16, 1, 2, 0)?;
+    // 5. A head index beyond the queue size (cannot be completed at all).
+    for (head, ids) in [
+        (0u16, vec![0u16]),
+        (1, vec![1, 2]),
+        (3, vec![3]),
+        (4, vec![4, 5]),
+    ] {
+        dq.reserve(head, ids);
+        dq.push_avail(&mem, head)?;
+    }
+    dq.push_avail(&mem, 999)?;
+    dq.kick_now(&mem)?;
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let u = dq.wait(&mem, Duration::from_secs(10))?;
+        seen.push((u.head, u.len));
+    }
+    seen.sort();
+    assert_eq!(seen, vec![(0, 0), (1, 0), (3, 0), (4, 0)]);
+    // The queue still serves valid requests.
+    d.write(0, 1, &[9; 1024])?;
+    assert_eq!(d.read(0, 1, 1024)?, vec![9; 1024]);
+    assert!(
+        fx.daemon.log().contains("malformed chain"),
+        "log:\n{}",
+        fx.daemon.log()
+    );
+    Ok(())
+}
+
+#[test]
+fn header_split_across_descriptors_is_accepted() -> Result<()> {
+    let fx = start("sync", &[])?;
+    let mut d = fx.driver(Setup::default(), 8, 8192)?;
+    d.write(0, 4, &pattern(11, 1024))?;
+    let base = GuestAddress(40 << 20);
+    let mem = d.fe.ram.mem().clone();
+    let mut header = Vec::new();
+    header.extend_from_slice(&T_IN.to_le_bytes());
+    header.extend_from_slice(&0u32.to_le_bytes());
+    header.extend_from_slice(&4u64.to_le_bytes());
+    mem.write_slice(&header, base)?;
+    // Header in two pieces (5 + 11 bytes), data and status sharing the last descriptor.
+    let bufs = [
+        Buf::readable(base, 5),
+        Buf::readable(GuestAddress(base.0 + 5), 11),
+        Buf::writable(GuestAddress(base.0 + 4096), 1025),
+    ];
+    let dq = d.fe.queue(0);
+    dq.add(&mem, &bufs)?;
+    dq.kick_now(&mem)?;
+    let u = dq.wait(&mem, Duration::from_secs(10))?;
+    assert_eq!(u.len, 1025);
+    let mut got = vec![0u8; 1025];
+    mem.read_slice(&mut got, GuestAddress(base.0 + 4096))?;
+    assert_eq!(&got[..1024], &pattern(11, 1024)[..]);
+    assert_eq!(got[1024], S_OK);
+    Ok(())
+}
+
+fn queue_depth_run(engine: &str, event_idx: bool, queues: u16) -> Result<()> {
+    let fx = start(engine, &["--queues", "4"])?;
+    let setup = Setup {
+        queues,
+        event_idx,
+        ..Setup::default()
+    };
+    let mut d = fx.driver(setup, 32, 4096)?;
+    // Fill every queue with 32 writes, then read everything back at depth 32.
+    for q in 0..queues {
+        let old = d.fe.queue(q).avail_idx();
+        for i in 0..32u64 {
+            let sector = (u64::from(q) * 32 + i) * 8;
+            d.submit(
+                q,
+                &BlkOp::Write {
+                    sector,
+                    data: pattern(sector, 4096),
+                },
+            )?
+            .expect("slot");
+        }
+        d.kick(q, old)?;
+    }
+    for q in 0..queues {
+        for _ in 0..32 {
+            assert_eq!(d.wait(q)?.status, S_OK);
+        }
+    }
+    for q in 0..queues {
+        let old = d.fe.queue(q).avail_idx();
+        let mut heads = std::collections::HashMap::new();
+        for i in 0..32u64 {
+            let sector = (u64::from(q) * 32 + i) * 8;
+            let h = d
+                .submit(q, &BlkOp::Read { sector, len: 4096 })?
+                .expect("slot");
+            heads.insert(h, sector);
+        }
+        d.kick(q, old)?;
+        for _ in 0..32 {
+            let c = d.wait(q)?;
+            assert_eq!(c.status, S_OK);
+            assert_eq!(
+                c.data,
+                pattern(heads[&c.head], 4096),
+                "{engine} q{q} event_idx={event_idx}"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn many_requests_in_flight_on_several_queues_with_and_without_event_idx() -> Result<()> {
+    for engine in ENGINES {
+        for event_idx in [true, false] {
+            queue_depth_run(engine, event_idx, 4)?;
+        }
+    }
+    Ok(())
+}
+
+/// Completes one request without sleeping on the call eventfd, and returns how many interrupts
+/// the device sent meanwhile.
+fn complete_polling(d: &mut bulkhead_tests::frontend::BlkDriver, op: &BlkOp) -> Result<u64> {
+    let old = d.fe.queue(0).avail_idx();
+    d.submit(0, op)?.expect("slot");
+    d.kick(0, old)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(c) = d.poll(0)? {
+            assert_eq!(c.status, S_OK);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no completion");
+        std::thread::yield_now();
+    }
+    Ok(d.fe.queue(0).call.read().unwrap_or(0))
+}
+
+#[test]
+fn interrupts_are_sent_only_when_the_driver_asks() -> Result<()> {
+    let fx = start("sync", &[])?;
+    // EVENT_IDX: ask for an interrupt only once the used index passes 3 (after the 4th request).
+    let mut d = fx.driver(Setup::default(), 8, 4096)?;
+    let mem = d.fe.ram.mem().clone();
+    d.fe.queue(0).set_used_event(&mem, 3)?;
+    let signals: Vec<u64> = (0..5)
+        .map(|i| {
+            complete_polling(
+                &mut d,
+                &BlkOp::Write {
+                    sector: i * 8,
+                    data: vec![1; 512],
+                },
+            )
+        })
+        .collect::<Result<_>>()?;
+    assert_eq!(signals, vec![0, 0, 0, 1, 0]);
+    // One frontend at a time: the next one is accepted once this one is gone.
+    drop(d);
+
+    // Without EVENT_IDX: VRING_AVAIL_F_NO_INTERRUPT silences the device, clearing it restores.
+    let mut d = fx.driver(
+        Setup {
+            event_idx: false,
+            ..Setup::default()
+        },
+        8,
+        4096,
+    )?;
+    let mem = d.fe.ram.mem().clone();
+    d.fe.queue(0).suppress_interrupts(&mem)?;
+    for i in 0..3 {
+        assert_eq!(
+            complete_polling(
+                &mut d,
+                &BlkOp::Read {
+                    sector: i * 8,
+                    len: 512
+                }
+            )?,
+            0
+        );
+    }
+    d.fe.queue(0).arm_interrupt(&mem)?;
+    assert_eq!(
+        complete_polling(
+            &mut d,
+            &BlkOp::Read {
+                sector: 0,
+                len: 512
+            }
+        )?,
+        1
+    );
+    Ok(())
+}
+
+#[test]
+fn event_idx_device_asks_for_a_kick_at_the_next_request_when_idle() -> Result<()> {
+    let fx = start("sync", &[])?;
+    let mut d = fx.driver(Setup::default(), 8, 4096)?;
+    for i in 0..10u64 {
+        d.write(0, i * 8, &[2; 512])?;
+    }
+    let mem = d.fe.ram.mem().clone();
+    let dq = d.fe.queue(0);
+    let at = GuestAddress(dq.layout.used.0 + 4 + 8 * u64::from(dq.size));
+    bulkhead_tests::daemon::eventually(Duration::from_secs(5), "avail_event to catch up", || {
+        Ok(mem.read_obj::<u16>(at)? == dq.avail_idx())
+    })?;
+    Ok(())
+}
+
+#[test]
+fn config_space_reports_capacity_and_the_write_cache_mode_is_writable() -> Result<()> {
+    let fx = start("sync", &["--queues", "3"])?;
+    let mut d = fx.driver(Setup::default(), 8, 4096)?;
+    let cfg = d.fe.conn.get_config(0, 60)?.expect("config");
+    assert_eq!(u64::from_le_bytes(cfg[0..8].try_into()?), 16 * MIB / 512);
+    assert_eq!(u16::from_le_bytes(cfg[34..36].try_into()?), 3);
+    assert_eq!(cfg[32], 1, "write-back by default");
+    d.fe.conn.set_config(32, &[0])?;
+    assert_eq!(d.fe.conn.get_config(32, 1)?.expect("config"), vec![0]);
+    // Writes still work in write-through mode.
+    d.write(0, 0, &[1; 512])?;
+    // A read-only field cannot be written.
+    assert!(d.fe.conn.set_config(0, &[1; 8]).is_err());
+    // QEMU 7.2 asks for 57 bytes; later versions more: beyond our fields reads as zero.
+    let big = d.fe.conn.get_config(0, 96)?.expect("config");
+    assert!(big[60..].iter().all(|b| *b == 0));
+    Ok(())
+}
+
+#[test]
+fn a_second_frontend_is_served_after_the_first_disconnects() -> Result<()> {
+    let fx = start("io-uring", &[])?;
+    {
+        let mut d = fx.driver(Setup::default(), 8, 4096)?;
+        d.write(0, 0, &pattern(21, 4096))?;
+    }
+    let mut d = fx.driver(
+        Setup {
+            queues: 2,
+            add_mem_reg: false,
+            ..Setup::default()
+        },
+        8,
+        4096,
+    )?;
+    assert_eq!(d.read(1, 0, 4096)?, pattern(21, 4096));
+    Ok(())
+}
+
+#[test]
+fn stopping_a_queue_reports_its_base_and_restarting_continues() -> Result<()> {
+    let fx = start("io-uring", &[])?;
+    let mut d = fx.driver(Setup::default(), 8, 4096)?;
+    for i in 0..5 {
+        d.write(0, i * 8, &pattern(i, 4096))?;
+    }
+    let base = d.fe.stop_queue(0)?;
+    assert_eq!(base, 5);
+    d.fe.start_queue(0, 5)?;
+    assert_eq!(d.read(0, 16, 4096)?, pattern(2, 4096));
+    Ok(())
+}
+
+#[test]
+fn client_mode_connects_to_a_listening_vmm_and_reconnects() -> Result<()> {
+    use bulkhead_tests::daemon::{Daemon, Scratch};
+    use bulkhead_tests::frontend::{BlkDriver, Connection, Frontend};
+    let scratch = Scratch::new("client")?;
+    let image = scratch.join("disk.img");
+    std::fs::File::create(&image)?.set_len(4 * MIB)?;
+    let sock = scratch.join("vmm.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock)?;
+    let args = [
+        "--client",
+        "--socket-path",
+        sock.to_str().unwrap_or_default(),
+        "--blk-file",
+        image.to_str().unwrap_or_default(),
+    ]
+    .map(String::from);
+    let _daemon = Daemon::start("vhost-user-blk", &args, &scratch)?;
+    for round in 0..3u64 {
+        let (stream, _) = listener.accept()?;
+        let fe = Frontend::start(Connection::from_stream(stream), Setup::default())?;
+        let mut d = BlkDriver::new(fe, 8, 4096)?;
+        if round > 0 {
+            assert_eq!(d.read(0, (round - 1) * 8, 4096)?, pattern(round - 1, 4096));
+        }
+        d.write(0, round * 8, &pattern(round, 4096))?;
+    }
+    Ok(())
+}
+
+#[test]
+fn print_capabilities_follows_the_qemu_schema() -> Result<()> {
+    let out = std::process::Command::new(bulkhead_tests::daemon::binary("vhost-user-blk")?)
+        .arg("--print-capabilities")
+        .output()?;
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(v["type"], "block");
+    assert_eq!(v["features"], serde_json::json!(["read-only", "blk-file"]));
+    Ok(())
+}
+
+#[test]
+fn sigterm_exits_cleanly_and_removes_the_socket() -> Result<()> {
+    let mut fx = start("io-uring", &[])?;
+    // With a frontend connected and a queue running.
+    let mut d = fx.driver(Setup::default(), 8, 4096)?;
+    d.write(0, 0, &[1; 512])?;
+    let status = fx.daemon.stop_with(libc::SIGTERM, Duration::from_secs(5))?;
+    assert!(status.success(), "{status}");
+    assert!(!fx.socket.exists());
+    Ok(())
+}
