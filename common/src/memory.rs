@@ -7,7 +7,7 @@
 #![warn(clippy::arithmetic_side_effects, clippy::indexing_slicing)]
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use vhost::vhost_user::message::VhostUserMemoryRegion;
@@ -53,10 +53,21 @@ struct Region {
     guest_phys_addr: u64,
     size: u64,
     user_addr: u64,
+    /// How many times the frontend added this exact region. QEMU's multiqueue net sends the
+    /// same ADD_MEM_REG once per queue pair; the region goes when every add was removed.
+    refs: u32,
     mapping: Arc<GuestRegionMmap<()>>,
 }
 
 impl Region {
+    /// The region the frontend describes by these addresses (its file offset is not part of the
+    /// identity: QEMU sends 0 with REM_MEM_REG).
+    fn same_as(&self, d: &VhostUserMemoryRegion) -> bool {
+        self.guest_phys_addr == d.guest_phys_addr
+            && self.size == d.memory_size
+            && self.user_addr == d.user_addr
+    }
+
     fn guest_end(&self) -> u64 {
         // Validated at creation: cannot overflow.
         self.guest_phys_addr.saturating_add(self.size)
@@ -116,6 +127,11 @@ impl MemoryTable {
         desc: &VhostUserMemoryRegion,
         fd: OwnedFd,
     ) -> Result<GuestMemory, MemoryError> {
+        if let Some(r) = self.regions.iter_mut().find(|r| r.same_as(desc)) {
+            r.refs = r.refs.saturating_add(1);
+            drop(fd);
+            return self.snapshot();
+        }
         if self.regions.len() >= MAX_MEM_SLOTS {
             return Err(MemoryError::TooManyRegions);
         }
@@ -132,14 +148,18 @@ impl MemoryTable {
 
     /// `REM_MEM_REG`: remove the region with exactly this guest address and size.
     pub fn remove(&mut self, desc: &VhostUserMemoryRegion) -> Result<GuestMemory, MemoryError> {
-        let pos = self
-            .regions
-            .iter()
-            .position(|r| r.guest_phys_addr == desc.guest_phys_addr && r.size == desc.memory_size)
-            .ok_or(MemoryError::UnknownRegion(
-                desc.guest_phys_addr,
-                desc.memory_size,
-            ))?;
+        let pos =
+            self.regions
+                .iter()
+                .position(|r| r.same_as(desc))
+                .ok_or(MemoryError::UnknownRegion(
+                    desc.guest_phys_addr,
+                    desc.memory_size,
+                ))?;
+        if let Some(r) = self.regions.get_mut(pos).filter(|r| r.refs > 1) {
+            r.refs = r.refs.saturating_sub(1);
+            return self.snapshot();
+        }
         let removed = self.regions.remove(pos);
         match self.snapshot() {
             Ok(s) => Ok(s),
@@ -232,19 +252,10 @@ impl MemoryTable {
             guest_phys_addr: gpa,
             size,
             user_addr: uva,
+            refs: 1,
             mapping: Arc::new(mapping),
         });
         Ok(())
-    }
-}
-
-/// Raw fds of every region's backing file, for leak accounting in tests.
-impl MemoryTable {
-    pub fn backing_fds(&self) -> Vec<i32> {
-        self.regions
-            .iter()
-            .filter_map(|r| r.mapping.file_offset().map(|f| f.file().as_raw_fd()))
-            .collect()
     }
 }
 
@@ -340,6 +351,19 @@ mod tests {
         ));
         let mem = t.remove(&region(0, 0x10000, 0x1000_0000, 0)).unwrap();
         assert!(t.is_empty());
+        assert!(mem.read_obj::<u8>(GuestAddress(0)).is_err());
+    }
+
+    #[test]
+    fn duplicate_add_is_counted_and_needs_as_many_removes() {
+        let mut t = MemoryTable::new();
+        let r = region(0, 0x10000, 0x1000_0000, 0);
+        t.add(&r, memfd(0x10000)).unwrap();
+        t.add(&r, memfd(0x10000)).unwrap();
+        assert_eq!(t.len(), 1);
+        let mem = t.remove(&r).unwrap();
+        assert!(mem.read_obj::<u8>(GuestAddress(0)).is_ok());
+        let mem = t.remove(&r).unwrap();
         assert!(mem.read_obj::<u8>(GuestAddress(0)).is_err());
     }
 

@@ -403,7 +403,13 @@ impl<D: Device> Session<D> {
             R::SET_VRING_CALL => {
                 let (i, fd) = self.vring_fd(req, payload, fds)?;
                 let call = fd.map(eventfd_from).transpose()?;
-                self.slot(i)?.call.set(call);
+                let slot = self.slot(i)?;
+                slot.call.set(call);
+                // A frontend that reconnects may have missed our last interrupt: one spurious
+                // interrupt is harmless, a lost one hangs the guest driver.
+                if slot.worker.is_some() {
+                    slot.call.signal();
+                }
                 Ok(Reply::Ack)
             }
             R::SET_VRING_ERR => {

@@ -5,3 +5,5 @@
 pub mod daemon;
 pub mod fixture;
 pub mod frontend;
+pub mod guest;
+pub mod load;

@@ -1,5 +1,6 @@
 //! vhost-user-blk driven by the synthetic frontend over a real socket: the real binary, a real
 //! image file, guest RAM in a memfd, split rings and eventfds.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::time::Duration;

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Runs every check and test: formatting, clippy, unit tests, protocol tests against the real
+# daemons, and guest tests that boot QEMU. Needs root (TAP devices, namespaces) and the packages
+# tests/setup.sh installs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tests/setup.sh
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+# Integration tests spawn the daemon binaries, so build them first (same profile as the tests).
+cargo build --workspace --release --locked
+cargo test --workspace --release --locked -- --test-threads="${BULKHEAD_TEST_THREADS:-2}"

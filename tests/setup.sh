@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what Bulkhead's tests and demo need on a fresh Debian bookworm machine (run as root).
+# The guest kernel is fetched by the test kit itself (apt-get download, cached under target/).
+set -euo pipefail
+packages=(
+  qemu-system-x86      # QEMU 7.2, the VMM the daemons serve
+  qemu-utils
+  busybox-static       # the guest's userland
+  iproute2             # TAP devices and network namespaces
+  systemd              # systemd-analyze, systemd-socket-activate
+  xz-utils zstd        # in case guest kernel modules are compressed
+  ca-certificates
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi

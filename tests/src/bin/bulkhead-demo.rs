@@ -1,0 +1,66 @@
+//! The demo: starts Bulkhead's daemons as separate processes, boots a QEMU guest attached to them
+//! over vhost-user, and shows the guest using them (a filesystem on the vhost-user-blk disk).
+//! Run through `tests/demo.sh`, which installs what is needed and builds the daemons first.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use bulkhead_tests::fixture::BlkFixture;
+use bulkhead_tests::guest::{Guest, GuestKit, QemuConfig};
+
+const T: Duration = Duration::from_secs(120);
+
+fn step(g: &mut Guest, what: &str, cmd: &str) -> Result<()> {
+    println!("\n== {what}\n$ {cmd}");
+    let out = g
+        .run_ok(cmd, T)
+        .with_context(|| format!("guest command failed: {cmd}"))?;
+    print!("{out}");
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    println!("Preparing the guest kernel and initramfs (cached after the first run)...");
+    let kit = GuestKit::ensure()?;
+    let blk = BlkFixture::start(256 << 20, &["--serial", "bulkhead-demo"])?;
+    println!(
+        "vhost-user-blk running as its own process (pid {}), serving {} on {}",
+        blk.daemon.pid(),
+        blk.image.display(),
+        blk.socket.display()
+    );
+    let mut cfg = QemuConfig::default();
+    cfg.vhost_user_blk("disk0", &blk.socket, "", "");
+    println!("Booting QEMU: {}", cfg.args(&kit).join(" "));
+    let mut g = Guest::boot(&kit, &cfg)?;
+    println!(
+        "Guest up in {:.1} s (QEMU pid {}).",
+        g.boot_time().as_secs_f64(),
+        g.qemu_pid()
+    );
+
+    step(
+        &mut g,
+        "The disk, as the guest sees it",
+        "cat /sys/block/vda/serial; echo; cat /sys/block/vda/size; ls /sys/block/vda/mq",
+    )?;
+    step(
+        &mut g,
+        "Make a filesystem on it",
+        "mke2fs -q /dev/vda && mount /dev/vda /mnt && df -h /mnt",
+    )?;
+    step(
+        &mut g,
+        "Write 32 MiB of data and remember its checksum",
+        "dd if=/dev/urandom of=/mnt/data bs=1048576 count=32 2>/dev/null && sync && sha256sum /mnt/data | tee /tmp/sum",
+    )?;
+    step(&mut g, "Unmount, drop caches, mount again and verify", "umount /mnt && echo 3 > /proc/sys/vm/drop_caches && mount /dev/vda /mnt && sha256sum -c /tmp/sum")?;
+    step(
+        &mut g,
+        "Discard free space (fstrim-like: delete and discard)",
+        "rm /mnt/data && umount /mnt && blkdiscard /dev/vda && echo discarded",
+    )?;
+    g.poweroff(T)?;
+    println!("\nGuest powered off; vhost-user-blk keeps serving for the next VM.");
+    Ok(())
+}
