@@ -19,6 +19,8 @@ pub enum DeviceError {
     ConfigReadOnly(u32),
     #[error("features {0:#x} were not offered")]
     UnofferedFeatures(u64),
+    #[error("{0} is not supported by this device")]
+    Unsupported(&'static str),
     #[error("cannot set up queue {index}")]
     Queue {
         index: u16,
@@ -43,6 +45,17 @@ pub trait Device: Send + Sync + 'static {
 
     /// Number of queues offered.
     fn num_queues(&self) -> u16;
+
+    /// The answer to GET_QUEUE_NUM: queues for most devices, queue pairs for net (QEMU's
+    /// vhost-user-net compares it with its `queues=` setting, which counts pairs).
+    fn queue_num(&self) -> u64 {
+        u64::from(self.num_queues())
+    }
+
+    /// NET_SET_MTU: the MTU the frontend gives the guest (net only).
+    fn set_mtu(&self, _mtu: u16) -> Result<(), DeviceError> {
+        Err(DeviceError::Unsupported("NET_SET_MTU"))
+    }
 
     /// Largest queue size accepted.
     fn max_queue_size(&self) -> u16;
@@ -83,9 +96,10 @@ pub trait Device: Send + Sync + 'static {
 pub enum Progress {
     /// No more work right now: the ring is empty or the device waits for its own event source.
     Idle,
-    /// The handler stopped taking chains because it is at capacity (e.g. all I/O slots busy); it
-    /// will continue when one of its event sources fires.
-    Saturated,
+    /// The handler stopped for a reason of its own (all I/O slots busy, nothing to receive) and
+    /// continues when one of its event sources fires; the engine leaves guest notifications as
+    /// they are.
+    Waiting,
 }
 
 /// The per-queue part of a device, run on the queue's own worker thread.
@@ -137,6 +151,18 @@ impl<'a> QueueCtx<'a> {
     /// Takes the next available chain; its descriptors go into `descs`.
     pub fn pop(&mut self, descs: &mut Vec<Desc>) -> Result<Option<AvailChain>, RingError> {
         self.ring.pop(self.mem, descs)
+    }
+
+    /// Puts the last `count` taken chains back, to be taken again later (e.g. receive buffers
+    /// gathered for a frame that turned out smaller, or that did not arrive).
+    pub fn unpop(&mut self, count: u16) {
+        self.ring.rewind_avail(count);
+    }
+
+    /// Asks the guest to kick once it adds buffers beyond those already available (the handler
+    /// needs more than there are). Returns true if more arrived meanwhile: look again.
+    pub fn kick_on_more_buffers(&mut self) -> Result<bool, RingError> {
+        self.ring.enable_notifications_beyond_avail(self.mem)
     }
 
     /// Chains the guest has made available and we have not taken yet.

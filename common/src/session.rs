@@ -313,7 +313,7 @@ impl<D: Device> Session<D> {
                 self.reset_queues();
                 Ok(Reply::Ack)
             }
-            R::GET_QUEUE_NUM => Ok(u64_reply(u64::from(self.device.num_queues()))),
+            R::GET_QUEUE_NUM => Ok(u64_reply(self.device.queue_num())),
             R::GET_MAX_MEM_SLOTS => Ok(u64_reply(MAX_MEM_SLOTS as u64)),
             R::SET_MEM_TABLE => {
                 let (head, rest): (VhostUserMemory, _) = decode_prefix(payload).ok_or_else(bad)?;
@@ -459,6 +459,13 @@ impl<D: Device> Session<D> {
                 self.device
                     .write_config(offset, data)
                     .map_err(RequestError::Config)?;
+                Ok(Reply::Ack)
+            }
+            R::NET_SET_MTU => {
+                expect_fds(0, &fds)?;
+                let mtu: u64 = decode_exact(payload).ok_or_else(bad)?;
+                self.device
+                    .set_mtu(u16::try_from(mtu).map_err(|_| bad())?)?;
                 Ok(Reply::Ack)
             }
             R::SET_BACKEND_REQ_FD => {

@@ -153,7 +153,7 @@ fn pass_inner<H: QueueHandler>(
         let mut ctx = QueueCtx::new(mem, &mut spec.ring);
         let progress = spec.handler.process(&mut ctx)?;
         ctx.flush(&spec.call)?;
-        if progress == Progress::Saturated {
+        if progress == Progress::Waiting {
             return Ok(());
         }
         if !ctx.ring().enable_notifications(mem)? {

@@ -242,6 +242,25 @@ impl SplitRing {
         Ok(self.pending(mem)? != 0)
     }
 
+    /// Asks for a kick when the guest adds a buffer beyond the ones available now (not merely
+    /// beyond the ones we took). Returns true if that already happened.
+    pub fn enable_notifications_beyond_avail(
+        &mut self,
+        mem: &GuestMemory,
+    ) -> Result<bool, RingError> {
+        let seen = self.avail_idx(mem)?;
+        if self.event_idx {
+            let at = elem(self.addrs.used, USED_ELEM, u64::from(self.size));
+            mem.store(seen.0.to_le(), at, Ordering::Relaxed)
+                .map_err(|_| RingError::Memory)?;
+        } else {
+            mem.store(0u16, self.addrs.used, Ordering::Relaxed)
+                .map_err(|_| RingError::Memory)?;
+        }
+        fence(Ordering::SeqCst);
+        Ok(self.avail_idx(mem)? != seen)
+    }
+
     /// Tells the guest kicks are not needed while we are processing anyway.
     pub fn disable_notifications(&mut self, mem: &GuestMemory) -> Result<(), RingError> {
         if !self.event_idx {

@@ -155,7 +155,7 @@ impl QueueHandler for BlkQueue {
         let mut progress = Progress::Idle;
         loop {
             if self.uring.as_ref().is_some_and(Uring::is_full) {
-                progress = Progress::Saturated;
+                progress = Progress::Waiting;
                 break;
             }
             let mut descs = std::mem::take(&mut self.descs);

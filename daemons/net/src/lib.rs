@@ -1,0 +1,94 @@
+//! vhost-user-net: a virtio-net device over a Linux TAP, served over vhost-user on Bulkhead's
+//! engine. The library part lets the harness run the same device in-process.
+
+#![cfg_attr(
+    test,
+    allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing,
+        clippy::arithmetic_side_effects
+    )
+)]
+
+pub mod config;
+pub mod config_space;
+pub mod device;
+pub mod iov;
+pub mod rx;
+pub mod stats;
+pub mod tap;
+pub mod tx;
+pub mod vnet;
+
+use std::sync::Arc;
+
+use bulkhead_common::capabilities::Capabilities;
+use bulkhead_common::serve::{self, ServeError};
+use bulkhead_common::signals::Signals;
+
+pub use config::{Args, Config, TapSource};
+pub use device::{NetDevice, NetOptions};
+use tap::{TapError, TapQueue};
+
+/// `--print-capabilities` output (QEMU's schema defines no net features).
+pub fn capabilities() -> String {
+    Capabilities {
+        kind: "net",
+        features: &[],
+    }
+    .to_json()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot set up the TAP")]
+    Tap(#[from] TapError),
+    #[error("cannot set up signal handling")]
+    Signals(#[source] std::io::Error),
+    #[error("no endpoint to serve on")]
+    Endpoint(#[from] bulkhead_common::cli::EndpointError),
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+}
+
+/// Opens the TAP queues, then serves frontends until SIGTERM/SIGINT.
+pub fn run(config: Config) -> Result<(), RunError> {
+    // Before any thread exists, so that every thread inherits the blocked signal mask.
+    let signals = Signals::install().map_err(RunError::Signals)?;
+    let taps = match &config.tap {
+        TapSource::Name(name) => TapQueue::open_all(name, config.queue_pairs)?,
+        TapSource::Fds(fds) => fds
+            .iter()
+            .map(|fd| TapQueue::from_raw(*fd))
+            .collect::<Result<_, _>>()?,
+    };
+    let name = taps
+        .first()
+        .map(TapQueue::name)
+        .transpose()?
+        .unwrap_or_default();
+    if let TapSource::Name(_) = config.tap {
+        if let Some(t) = taps.first() {
+            if let Err(e) = t.set_up() {
+                tracing::warn!(
+                    "cannot bring {name} up (do it yourself): {}",
+                    bulkhead_common::logging::chain(&e)
+                );
+            }
+        }
+    }
+    tracing::info!(tap = %name, queue_pairs = config.queue_pairs, "TAP ready");
+    let endpoint = config.serve.endpoint()?;
+    let device = NetDevice::new(
+        taps,
+        NetOptions {
+            queue_size: config.queue_size,
+            mac: config.mac,
+            mtu: config.mtu,
+        },
+    );
+    serve::serve(Arc::new(device), endpoint, &signals)?;
+    Ok(())
+}

@@ -1,0 +1,232 @@
+//! A Linux TAP device with virtio-net headers: one file descriptor per queue (IFF_MULTI_QUEUE),
+//! the header size the guest negotiated (TUNSETVNETHDRSZ) and the receive offloads it accepts
+//! (TUNSETOFFLOAD). A few ioctls over `libc`; the crates.io `tap` crate is not a TUN/TAP library.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TapError {
+    #[error("cannot open /dev/net/tun")]
+    OpenTun(#[source] io::Error),
+    #[error("cannot attach to TAP {name}")]
+    Attach {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("TAP name {0:?} is empty or longer than 15 bytes")]
+    BadName(String),
+    #[error("descriptor {fd} is not a TAP queue with virtio-net headers")]
+    NotVnetTap {
+        fd: RawFd,
+        #[source]
+        source: Option<io::Error>,
+    },
+    #[error("cannot configure the TAP")]
+    Configure(#[source] io::Error),
+}
+
+/// One queue of a TAP device.
+#[derive(Debug)]
+pub struct TapQueue {
+    file: File,
+}
+
+const IFNAMSIZ: usize = 16;
+
+/// The part of `struct ifreq` the TUN ioctls use: a name and a flags word.
+#[repr(C)]
+struct IfReq {
+    name: [u8; IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+impl IfReq {
+    fn new(name: &str, flags: libc::c_int) -> Result<Self, TapError> {
+        let bytes = name.as_bytes();
+        if bytes.is_empty() || bytes.len() >= IFNAMSIZ {
+            return Err(TapError::BadName(name.to_owned()));
+        }
+        let mut n = [0u8; IFNAMSIZ];
+        n.get_mut(..bytes.len())
+            .ok_or_else(|| TapError::BadName(name.to_owned()))?
+            .copy_from_slice(bytes);
+        let flags =
+            libc::c_short::try_from(flags).map_err(|_| TapError::BadName(name.to_owned()))?;
+        Ok(Self {
+            name: n,
+            flags,
+            _pad: [0; 22],
+        })
+    }
+}
+
+impl TapQueue {
+    /// Opens `queues` queues of the TAP `name`, creating it if needed (needs CAP_NET_ADMIN unless
+    /// the TAP exists and belongs to our user).
+    pub fn open_all(name: &str, queues: u16) -> Result<Vec<TapQueue>, TapError> {
+        let base = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+        (0..queues)
+            .map(|_| match Self::open(name, base | libc::IFF_MULTI_QUEUE) {
+                // A pre-created single-queue TAP cannot be attached with IFF_MULTI_QUEUE.
+                Err(TapError::Attach { source, .. })
+                    if queues == 1 && source.raw_os_error() == Some(libc::EINVAL) =>
+                {
+                    Self::open(name, base)
+                }
+                other => other,
+            })
+            .collect()
+    }
+
+    fn open(name: &str, flags: libc::c_int) -> Result<TapQueue, TapError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open("/dev/net/tun")
+            .map_err(TapError::OpenTun)?;
+        let mut req = IfReq::new(name, flags)?;
+        // SAFETY: TUNSETIFF reads and writes a struct ifreq; IfReq has its layout (40 bytes).
+        let r = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &raw mut req) };
+        if r < 0 {
+            return Err(TapError::Attach {
+                name: name.to_owned(),
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(TapQueue { file })
+    }
+
+    /// Adopts a TAP queue descriptor opened by a privileged parent (`--tap-fd`).
+    pub fn from_fd(fd: OwnedFd) -> Result<TapQueue, TapError> {
+        let raw = fd.as_raw_fd();
+        let mut req = IfReq {
+            name: [0; IFNAMSIZ],
+            flags: 0,
+            _pad: [0; 22],
+        };
+        // SAFETY: TUNGETIFF writes a struct ifreq into `req`.
+        let r = unsafe { libc::ioctl(raw, libc::TUNGETIFF, &raw mut req) };
+        if r < 0 {
+            return Err(TapError::NotVnetTap {
+                fd: raw,
+                source: Some(io::Error::last_os_error()),
+            });
+        }
+        let flags = libc::c_int::from(req.flags);
+        if flags & libc::IFF_TAP == 0
+            || flags & libc::IFF_VNET_HDR == 0
+            || flags & libc::IFF_NO_PI == 0
+        {
+            return Err(TapError::NotVnetTap {
+                fd: raw,
+                source: None,
+            });
+        }
+        set_nonblocking(raw).map_err(TapError::Configure)?;
+        Ok(TapQueue {
+            file: File::from(fd),
+        })
+    }
+
+    /// Adopts an inherited descriptor number.
+    pub fn from_raw(fd: RawFd) -> Result<TapQueue, TapError> {
+        // SAFETY: F_GETFD only checks that the descriptor is open.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(TapError::NotVnetTap {
+                fd,
+                source: Some(io::Error::last_os_error()),
+            });
+        }
+        // SAFETY: the user handed us this descriptor (--tap-fd) to own.
+        Self::from_fd(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// The interface name.
+    pub fn name(&self) -> Result<String, TapError> {
+        let mut req = IfReq {
+            name: [0; IFNAMSIZ],
+            flags: 0,
+            _pad: [0; 22],
+        };
+        // SAFETY: TUNGETIFF writes a struct ifreq into `req`.
+        if unsafe { libc::ioctl(self.fd(), libc::TUNGETIFF, &raw mut req) } < 0 {
+            return Err(TapError::Configure(io::Error::last_os_error()));
+        }
+        let len = req.name.iter().position(|b| *b == 0).unwrap_or(IFNAMSIZ);
+        Ok(String::from_utf8_lossy(req.name.get(..len).unwrap_or_default()).into_owned())
+    }
+
+    /// Sets the virtio-net header size the TAP reads and writes (10 or 12 bytes).
+    pub fn set_vnet_hdr_size(&self, size: usize) -> Result<(), TapError> {
+        let size = libc::c_int::try_from(size)
+            .map_err(|_| TapError::Configure(io::Error::from_raw_os_error(libc::EINVAL)))?;
+        // SAFETY: TUNSETVNETHDRSZ reads an int.
+        if unsafe { libc::ioctl(self.fd(), libc::TUNSETVNETHDRSZ, &raw const size) } < 0 {
+            return Err(TapError::Configure(io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    /// Sets which offloaded frames the TAP may hand us (TUN_F_* flags). USO is retried without
+    /// when the kernel does not know it.
+    pub fn set_offloads(&self, flags: libc::c_uint) -> Result<(), TapError> {
+        let set = |f: libc::c_uint| {
+            // SAFETY: TUNSETOFFLOAD takes the flags as the argument value.
+            if unsafe { libc::ioctl(self.fd(), libc::TUNSETOFFLOAD, libc::c_ulong::from(f)) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        };
+        let uso = libc::TUN_F_USO4 | libc::TUN_F_USO6;
+        match set(flags) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && flags & uso != 0 => {
+                set(flags & !uso)
+            }
+            other => other,
+        }
+        .map_err(TapError::Configure)
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    /// Brings the interface up (best effort; needs CAP_NET_ADMIN).
+    pub fn set_up(&self) -> Result<(), TapError> {
+        let name = self.name()?;
+        // SAFETY: a plain datagram socket for interface ioctls; checked below.
+        let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if sock < 0 {
+            return Err(TapError::Configure(io::Error::last_os_error()));
+        }
+        // SAFETY: `sock` is a fresh descriptor we own.
+        let sock = unsafe { OwnedFd::from_raw_fd(sock) };
+        let mut req = IfReq::new(&name, 0)?;
+        // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read/write a struct ifreq.
+        if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &raw mut req) } < 0 {
+            return Err(TapError::Configure(io::Error::last_os_error()));
+        }
+        req.flags |= libc::IFF_UP as libc::c_short;
+        // SAFETY: as above.
+        if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &raw mut req) } < 0 {
+            return Err(TapError::Configure(io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+}
+
+fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: F_GETFL/F_SETFL on an open descriptor.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
