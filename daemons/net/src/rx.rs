@@ -266,10 +266,7 @@ mod tests {
         assert_eq!(spread(3000, [1500, 1500, 1500]), vec![1500, 1500]);
         assert_eq!(spread(3001, [1500, 1500, 1500]), vec![1500, 1500, 1]);
         assert_eq!(spread(100, [4096, 4096]), vec![100]);
-        assert_eq!(
-            spread(65536 + 12, std::iter::repeat_n(4096, 20)).len(),
-            17
-        );
+        assert_eq!(spread(65536 + 12, std::iter::repeat_n(4096, 20)).len(), 17);
     }
 
     #[test]
