@@ -68,3 +68,88 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+/// A network namespace with a `vhost-user-net` daemon inside it that owns TAP `tap0`.
+#[derive(Debug)]
+pub struct NetFixture {
+    pub daemon: Daemon,
+    pub ns: crate::netns::NetNs,
+    pub socket: PathBuf,
+    pub tap: String,
+    pub scratch: Scratch,
+}
+
+impl NetFixture {
+    /// Starts `vhost-user-net --tap tap0` with `extra` args inside a fresh namespace.
+    pub fn start(extra: &[&str]) -> Result<Self> {
+        let scratch = Scratch::new("net")?;
+        let ns = crate::netns::NetNs::create("net")?;
+        let socket = scratch.join("net.sock");
+        let tap = "tap0".to_owned();
+        let mut args = vec![
+            "--socket-path".to_owned(),
+            socket.display().to_string(),
+            "--tap".to_owned(),
+            tap.clone(),
+        ];
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let daemon = spawn_in_netns("vhost-user-net", &args, &scratch, &ns)?;
+        Ok(Self {
+            daemon,
+            ns,
+            socket,
+            tap,
+            scratch,
+        })
+    }
+
+    pub fn connect(&self) -> Result<Connection> {
+        Connection::connect(&self.socket)
+    }
+
+    /// Connects a net driver: `setup.queues` must be twice the queue pairs.
+    pub fn driver(
+        &self,
+        setup: Setup,
+        rx_buf: u32,
+        rx_depth: u32,
+        tx_depth: u32,
+    ) -> Result<crate::frontend::NetDriver> {
+        let fe = Frontend::start(self.connect()?, setup)?;
+        crate::frontend::NetDriver::new(fe, rx_buf, rx_depth, tx_depth)
+    }
+
+    /// A packet socket on the TAP, inside the namespace.
+    pub fn packet_socket(&self, vnet_hdr: bool) -> Result<crate::netns::PacketSocket> {
+        let ifindex = self.ns.ifindex(&self.tap)?;
+        self.ns
+            .run_in(move || crate::netns::PacketSocket::bind(ifindex, vnet_hdr))
+    }
+}
+
+/// Starts a daemon whose process lives in `ns` (it enters the namespace before exec).
+pub fn spawn_in_netns(
+    binary: &str,
+    args: &[String],
+    scratch: &Scratch,
+    ns: &crate::netns::NetNs,
+) -> Result<Daemon> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let handle = ns.open()?;
+    let raw = handle.as_raw_fd();
+    let mut d = Daemon::spawn(binary, args, scratch, |cmd| {
+        // SAFETY: setns is async-signal-safe and only touches the child before exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(raw, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    })?;
+    drop(handle);
+    d.wait_ready(std::time::Duration::from_secs(20))?;
+    Ok(d)
+}

@@ -7,3 +7,4 @@ pub mod fixture;
 pub mod frontend;
 pub mod guest;
 pub mod load;
+pub mod netns;

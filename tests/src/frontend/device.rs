@@ -31,6 +31,8 @@ pub struct Setup {
     pub add_mem_reg: bool,
     /// Guest RAM regions (guest address, size). The rings live in the first region.
     pub ram_layout: Vec<(u64, u64)>,
+    /// GET_QUEUE_NUM counts queue pairs (net) rather than queues.
+    pub queue_num_is_pairs: bool,
 }
 
 impl Default for Setup {
@@ -43,6 +45,7 @@ impl Default for Setup {
             device_features: u64::MAX,
             add_mem_reg: true,
             ram_layout: vec![(0, 64 << 20)],
+            queue_num_is_pairs: false,
         }
     }
 }
@@ -82,9 +85,14 @@ impl Frontend {
         conn.set_u64(FrontendReq::SET_PROTOCOL_FEATURES, protocol.bits())?;
         conn.reply_ack = protocol.contains(VhostUserProtocolFeatures::REPLY_ACK);
         let max_queues = conn.get_u64(FrontendReq::GET_QUEUE_NUM)?;
+        let wanted = if setup.queue_num_is_pairs {
+            setup.queues / 2
+        } else {
+            setup.queues
+        };
         ensure!(
-            max_queues >= u64::from(setup.queues),
-            "backend offers {max_queues} queues"
+            max_queues >= u64::from(wanted),
+            "backend offers {max_queues} queues, {wanted} wanted"
         );
         let use_slots =
             setup.add_mem_reg && protocol.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS);

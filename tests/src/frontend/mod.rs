@@ -3,11 +3,13 @@
 pub mod blk;
 pub mod connection;
 pub mod device;
+pub mod net;
 pub mod queue;
 pub mod ram;
 
 pub use blk::{BlkDriver, BlkOp, Completion};
 pub use connection::Connection;
 pub use device::{Frontend, Setup};
+pub use net::{NetDriver, RxFrame, VnetHdr};
 pub use queue::{Buf, DriverQueue, RingLayout};
 pub use ram::GuestRam;
