@@ -215,6 +215,7 @@ impl<D: Device> Session<D> {
     fn dispatch(&mut self, msg: Message) -> Result<(), ChannelError> {
         let header = msg.header;
         let req = FrontendReq::try_from(header.request).ok();
+        tracing::trace!(request = ?req, code = header.request, size = header.size, fds = msg.fds.len(), "request");
         let result = match req {
             None => Err(RequestError::UnknownRequest(header.request)),
             Some(_) if msg.fds_truncated => Err(RequestError::TooManyFds),
@@ -557,8 +558,10 @@ impl<D: Device> Session<D> {
             return;
         };
         // Without VHOST_USER_F_PROTOCOL_FEATURES a ring is enabled as soon as it starts.
+        // A running worker holds the kick eventfd.
+        let has_kick = slot.kick.is_some() || slot.worker.is_some();
         let want = self.features_set
-            && slot.kick.is_some()
+            && has_kick
             && slot.vmm_addrs.is_some()
             && (slot.enabled || !protocol_acked);
         match (want, slot.worker.is_some()) {

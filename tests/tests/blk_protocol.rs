@@ -646,3 +646,23 @@ fn sigterm_exits_cleanly_and_removes_the_socket() -> Result<()> {
     assert!(!fx.socket.exists());
     Ok(())
 }
+
+/// QEMU re-sends SET_FEATURES (once per vhost device) and SET_VRING_ENABLE while rings run; a
+/// running queue must keep running.
+#[test]
+fn repeated_set_features_and_enable_leave_running_queues_running() -> Result<()> {
+    use vhost::vhost_user::message::FrontendReq;
+    let fx = start("sync", &[])?;
+    let mut d = fx.driver(Setup::default(), 8, 4096)?;
+    d.write(0, 0, &[1; 512])?;
+    let acked = d.fe.acked;
+    d.fe.conn.set_u64(FrontendReq::SET_FEATURES, acked)?;
+    d.write(0, 8, &[2; 512])?;
+    d.fe.conn
+        .set_vring_state(FrontendReq::SET_VRING_ENABLE, 0, 1)?;
+    d.write(0, 16, &[3; 512])?;
+    assert_eq!(d.read(0, 0, 512)?, vec![1; 512]);
+    assert_eq!(d.read(0, 8, 512)?, vec![2; 512]);
+    assert_eq!(d.read(0, 16, 512)?, vec![3; 512]);
+    Ok(())
+}

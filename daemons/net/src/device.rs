@@ -126,7 +126,13 @@ impl Device for NetDevice {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MTU
+        // QEMU builds the virtio-net config space itself (and warns about a backend offering
+        // CONFIG), so the config space is offered only when there is something of ours in it.
+        if self.opts.mac.is_some() || self.opts.mtu.is_some() {
+            VhostUserProtocolFeatures::MTU | VhostUserProtocolFeatures::CONFIG
+        } else {
+            VhostUserProtocolFeatures::MTU
+        }
     }
 
     fn num_queues(&self) -> u16 {
