@@ -138,16 +138,16 @@ pub fn spawn_in_netns(
     use std::os::unix::process::CommandExt;
     let handle = ns.open()?;
     let raw = handle.as_raw_fd();
-    let mut d = Daemon::spawn(binary, args, scratch, |cmd| {
-        // SAFETY: setns is async-signal-safe and only touches the child before exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(raw, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
+    let enter = move || {
+        // SAFETY: setns is async-signal-safe and only changes the child's namespace before exec.
+        if unsafe { libc::setns(raw, libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error());
         }
+        Ok(())
+    };
+    let mut d = Daemon::spawn(binary, args, scratch, |cmd| {
+        // SAFETY: the hook only calls setns (async-signal-safe) between fork and exec.
+        unsafe { cmd.pre_exec(enter) };
     })?;
     drop(handle);
     d.wait_ready(std::time::Duration::from_secs(20))?;

@@ -7,4 +7,5 @@ pub mod fixture;
 pub mod frontend;
 pub mod guest;
 pub mod load;
+pub mod netload;
 pub mod netns;

@@ -238,7 +238,7 @@ impl PacketSocket {
                 }
                 return Err(e).context("recvfrom");
             }
-            if sll.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+            if sll.sll_pkttype == libc::PACKET_OUTGOING {
                 continue;
             }
             return Ok(Some(buf[..n as usize].to_vec()));

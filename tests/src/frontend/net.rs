@@ -85,7 +85,7 @@ impl NetDriver {
     pub fn new(fe: Frontend, rx_buf: u32, rx_depth: u32, tx_depth: u32) -> Result<Self> {
         let pairs = usize::from(fe.setup.queues / 2);
         ensure!(
-            pairs > 0 && fe.setup.queues % 2 == 0,
+            pairs > 0 && fe.setup.queues.is_multiple_of(2),
             "net needs queue pairs"
         );
         let base = data_base(&fe.setup);
@@ -278,6 +278,22 @@ impl NetDriver {
             self.tx_free[p].push(tag);
             n += 1;
         }
+    }
+
+    /// Transmit chains queued and not yet completed on `pair`.
+    pub fn tx_in_flight(&self, pair: u16) -> usize {
+        self.tx_heads[usize::from(pair)].len()
+    }
+
+    /// Waits for one transmit completion on `pair`.
+    pub fn wait_tx(&mut self, pair: u16) -> Result<()> {
+        let (mem, dq) = self.fe.mem_and_queue(pair * 2 + 1);
+        let u = dq.wait(mem, Duration::from_secs(10))?;
+        let tag = self.tx_heads[usize::from(pair)]
+            .remove(&u.head)
+            .context("unknown transmit head")?;
+        self.tx_free[usize::from(pair)].push(tag);
+        Ok(())
     }
 
     /// Transmits one frame and waits until the device is done with it.
