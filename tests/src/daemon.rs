@@ -90,6 +90,11 @@ impl Daemon {
         let notify_path = scratch.join(&format!("notify-{n}.sock"));
         let _ = std::fs::remove_file(&notify_path);
         let notify = UnixDatagram::bind(&notify_path)?;
+        // Daemons that drop privileges must still be able to say READY=1.
+        std::fs::set_permissions(
+            &notify_path,
+            std::os::unix::fs::PermissionsExt::from_mode(0o777),
+        )?;
         let mut cmd = Command::new(binary(binary_name)?);
         cmd.args(args)
             .env("NOTIFY_SOCKET", &notify_path)

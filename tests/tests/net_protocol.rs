@@ -296,3 +296,93 @@ fn print_capabilities_says_net() -> Result<()> {
     ensure!(v["type"] == "net");
     Ok(())
 }
+
+/// A privileged parent opens the TAP queues; the daemon gets them with --tap-fd and runs as
+/// `nobody` with no capabilities, and still moves frames.
+#[test]
+fn tap_fds_from_a_parent_let_an_unprivileged_daemon_serve() -> Result<()> {
+    use bulkhead_tests::daemon::{Daemon, Scratch};
+    use bulkhead_tests::netns::{NetNs, PacketSocket};
+    use std::os::fd::IntoRawFd;
+    use std::os::unix::process::CommandExt;
+    use vhost_user_net::tap::TapQueue;
+
+    let scratch = Scratch::new("tapfd")?;
+    std::fs::set_permissions(
+        &scratch.path,
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )?;
+    let ns = NetNs::create("tapfd")?;
+    let fds: Vec<i32> = ns.run_in(|| {
+        let qs = TapQueue::open_all("tapfd0", 2)?;
+        qs[0].set_up()?;
+        Ok(qs.into_iter().map(|q| q.into_fd().into_raw_fd()).collect())
+    })?;
+    let socket = scratch.join("net.sock");
+    let args: Vec<String> = [
+        "--socket-path",
+        socket.to_str().unwrap(),
+        "--tap-fd",
+        "10",
+        "--tap-fd",
+        "11",
+    ]
+    .map(String::from)
+    .to_vec();
+    let (a, b) = (fds[0], fds[1]);
+    let mut daemon = Daemon::spawn("vhost-user-net", &args, &scratch, |cmd| {
+        let hook = move || {
+            let ok = |r: i32| {
+                if r < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(())
+                }
+            };
+            // Each call is async-signal-safe and affects only the child between fork and exec.
+            // SAFETY: `a` is open in the parent, so in the child.
+            ok(unsafe { libc::dup2(a, 10) })?;
+            // SAFETY: as above.
+            ok(unsafe { libc::dup2(b, 11) })?;
+            // SAFETY: as above.
+            ok(unsafe { libc::setgroups(0, std::ptr::null()) })?;
+            // SAFETY: as above.
+            ok(unsafe { libc::setgid(65534) })?;
+            // SAFETY: as above.
+            ok(unsafe { libc::setuid(65534) })
+        };
+        // SAFETY: the hook only makes async-signal-safe calls.
+        unsafe { cmd.pre_exec(hook) };
+    })?;
+    daemon.wait_ready(W)?;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid()))?;
+    ensure!(
+        status
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.contains("65534")),
+        "daemon not unprivileged:\n{status}"
+    );
+    ensure!(
+        status
+            .lines()
+            .any(|l| l.starts_with("CapEff:") && l.ends_with("0000000000000000")),
+        "daemon has capabilities"
+    );
+    let ifindex = ns.ifindex("tapfd0")?;
+    let sock = ns.run_in(move || PacketSocket::bind(ifindex, false))?;
+    let fe = bulkhead_tests::frontend::Frontend::start(
+        bulkhead_tests::frontend::Connection::connect(&socket)?,
+        setup(2, true, offload_features()),
+    )?;
+    let mut d = NetDriver::new(fe, 2048, 64, 16)?;
+    for pair in 0..2 {
+        let frame = ethernet(SRC, ETHERTYPE, &pattern(300 + u64::from(pair), 300));
+        d.send(pair, &VnetHdr::default(), &frame, 1)?;
+        ensure!(recv_ours(&sock)? == frame, "pair {pair}");
+    }
+    for fd in fds {
+        // SAFETY: closing our copies of the descriptors handed to the daemon.
+        unsafe { libc::close(fd) };
+    }
+    Ok(())
+}

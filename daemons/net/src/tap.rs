@@ -197,6 +197,11 @@ impl TapQueue {
         self.file.as_raw_fd()
     }
 
+    /// Gives up the descriptor (to hand it to another process).
+    pub fn into_fd(self) -> OwnedFd {
+        OwnedFd::from(self.file)
+    }
+
     /// Brings the interface up (best effort; needs CAP_NET_ADMIN).
     pub fn set_up(&self) -> Result<(), TapError> {
         let name = self.name()?;
