@@ -1,11 +1,13 @@
 //! What a daemon implements: the [`Device`] (features, config space, queue handlers) and a
 //! [`QueueHandler`] per queue, which the engine drives on that queue's worker thread.
 
+use std::collections::VecDeque;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 
+use crate::inflight::InflightQueue;
 use crate::memory::GuestMemory;
 use crate::notify::Signal;
 use crate::vring::{AvailChain, Desc, RingError, SplitRing};
@@ -125,14 +127,34 @@ pub trait QueueHandler: Send + 'static {
 pub struct QueueCtx<'a> {
     mem: &'a Arc<GuestMemory>,
     ring: &'a mut SplitRing,
+    tracking: &'a mut Tracking,
     completed: u32,
 }
 
+/// Inflight tracking state of one queue (see [`crate::inflight`]).
+#[derive(Debug, Default)]
+pub(crate) struct Tracking {
+    pub inflight: Option<InflightQueue>,
+    /// Chains owed from before a crash, oldest first: handed out before new ones.
+    pub resubmit: VecDeque<u16>,
+    /// Chains returned since the last publish.
+    pub batch: Vec<u16>,
+}
+
+fn tracking_error(e: crate::inflight::InflightError) -> RingError {
+    RingError::Inflight(e.to_string())
+}
+
 impl<'a> QueueCtx<'a> {
-    pub(crate) fn new(mem: &'a Arc<GuestMemory>, ring: &'a mut SplitRing) -> Self {
+    pub(crate) fn new(
+        mem: &'a Arc<GuestMemory>,
+        ring: &'a mut SplitRing,
+        tracking: &'a mut Tracking,
+    ) -> Self {
         Self {
             mem,
             ring,
+            tracking,
             completed: 0,
         }
     }
@@ -148,13 +170,24 @@ impl<'a> QueueCtx<'a> {
         Arc::clone(self.mem)
     }
 
-    /// Takes the next available chain; its descriptors go into `descs`.
+    /// Takes the next chain (first those owed from before a restart, then new available ones);
+    /// its descriptors go into `descs`.
     pub fn pop(&mut self, descs: &mut Vec<Desc>) -> Result<Option<AvailChain>, RingError> {
-        self.ring.pop(self.mem, descs)
+        if let Some(head) = self.tracking.resubmit.pop_front() {
+            return Ok(Some(self.ring.chain_at(self.mem, head, descs)));
+        }
+        let chain = self.ring.pop(self.mem, descs)?;
+        if let (Some(c), Some(q)) = (&chain, self.tracking.inflight.as_mut()) {
+            if c.head < self.ring.size() {
+                q.taken(c.head).map_err(tracking_error)?;
+            }
+        }
+        Ok(chain)
     }
 
     /// Puts the last `count` taken chains back, to be taken again later (e.g. receive buffers
-    /// gathered for a frame that turned out smaller, or that did not arrive).
+    /// gathered for a frame that turned out smaller, or that did not arrive). Not for queues
+    /// with inflight tracking.
     pub fn unpop(&mut self, count: u16) {
         self.ring.rewind_avail(count);
     }
@@ -174,6 +207,9 @@ impl<'a> QueueCtx<'a> {
     pub fn complete(&mut self, head: u16, len: u32) -> Result<(), RingError> {
         if self.ring.push_used(self.mem, head, len)? {
             self.completed = self.completed.saturating_add(1);
+            if self.tracking.inflight.is_some() {
+                self.tracking.batch.push(head);
+            }
         }
         Ok(())
     }
@@ -183,13 +219,23 @@ impl<'a> QueueCtx<'a> {
         self.completed
     }
 
-    /// Publishes completions and interrupts the guest if it wants to be.
+    /// Publishes completions (keeping the inflight record consistent at every step) and
+    /// interrupts the guest if it wants to be.
     pub fn flush(&mut self, call: &Signal) -> Result<(), RingError> {
         if self.completed == 0 {
             return Ok(());
         }
         self.completed = 0;
+        if let Some(q) = self.tracking.inflight.as_mut() {
+            q.batch_ready(&self.tracking.batch)
+                .map_err(tracking_error)?;
+        }
         self.ring.publish_used(self.mem)?;
+        if let Some(q) = self.tracking.inflight.as_mut() {
+            q.batch_published(&self.tracking.batch, self.ring.next_used())
+                .map_err(tracking_error)?;
+        }
+        self.tracking.batch.clear();
         if self.ring.needs_signal(self.mem)? {
             call.signal();
         }

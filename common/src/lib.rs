@@ -16,7 +16,9 @@
 pub mod capabilities;
 pub mod cli;
 pub mod device;
+pub mod inflight;
 pub mod logging;
+pub mod memfd;
 pub mod memory;
 pub mod notify;
 pub mod protocol;

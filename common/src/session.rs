@@ -9,15 +9,17 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
 use vhost::vhost_user::message::{
-    FrontendReq, VhostUserConfig, VhostUserMemory, VhostUserMemoryRegion,
+    FrontendReq, VhostUserConfig, VhostUserInflight, VhostUserMemory, VhostUserMemoryRegion,
     VhostUserProtocolFeatures, VhostUserSingleMemoryRegion, VhostUserVirtioFeatures,
     VhostUserVringAddr, VhostUserVringState,
 };
 use vm_memory::{ByteValued, GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::device::Tracking;
 use crate::device::{Device, DeviceError};
 use crate::guest_warn;
+use crate::inflight::{InflightError, InflightRegion};
 use crate::memory::{GuestMemory, MemoryError, MemoryTable, MAX_MEM_SLOTS};
 use crate::notify::Signal;
 use crate::protocol::channel::{Channel, ChannelError, Message};
@@ -75,6 +77,8 @@ pub enum RequestError {
     Memory(#[from] MemoryError),
     #[error("device refused")]
     Device(#[from] DeviceError),
+    #[error("inflight region refused")]
+    Inflight(#[from] InflightError),
     #[error("cannot set up the eventfd")]
     EventFd(#[source] std::io::Error),
 }
@@ -93,6 +97,8 @@ enum Reply {
     /// No reply unless the frontend asked for an ack.
     Ack,
     Payload(Vec<u8>),
+    /// A payload with one descriptor (GET_INFLIGHT_FD).
+    PayloadWithFd(Vec<u8>, OwnedFd),
 }
 
 /// Ring addresses in the frontend's address space, translated when the ring starts.
@@ -142,6 +148,7 @@ pub struct Session<D: Device> {
     mem: GuestMemoryAtomic<GuestMemory>,
     queues: Vec<QueueSlot>,
     backend_req: Option<UnixStream>,
+    inflight: Option<Arc<InflightRegion>>,
 }
 
 impl<D: Device> std::fmt::Debug for Session<D> {
@@ -171,6 +178,7 @@ impl<D: Device> Session<D> {
             mem: GuestMemoryAtomic::new(GuestMemory::new()),
             queues,
             backend_req: None,
+            inflight: None,
         }
     }
 
@@ -224,6 +232,10 @@ impl<D: Device> Session<D> {
         let has_own_reply = req.is_some_and(has_reply);
         match result {
             Ok(Reply::Payload(p)) => self.channel.send(&header.reply(len32(&p)), &p, &[]),
+            Ok(Reply::PayloadWithFd(p, fd)) => {
+                self.channel
+                    .send(&header.reply(len32(&p)), &p, &[fd.as_fd()])
+            }
             Ok(Reply::Ack) => self.ack(&header, 0),
             Err(e) => {
                 guest_warn!(request = ?req, "request refused: {}", crate::logging::chain(&e));
@@ -469,6 +481,37 @@ impl<D: Device> Session<D> {
                     .set_mtu(u16::try_from(mtu).map_err(|_| bad())?)?;
                 Ok(Reply::Ack)
             }
+            R::GET_INFLIGHT_FD => {
+                expect_fds(0, &fds)?;
+                let q: VhostUserInflight = decode_exact(payload).ok_or_else(bad)?;
+                let region = InflightRegion::create(q.num_queues, q.queue_size)?;
+                let reply = VhostUserInflight::new(
+                    region.mmap_size(),
+                    region.mmap_offset(),
+                    region.num_queues(),
+                    region.queue_size(),
+                );
+                let fd = region
+                    .fd()
+                    .try_clone_to_owned()
+                    .map_err(RequestError::EventFd)?;
+                self.inflight = Some(Arc::new(region));
+                Ok(Reply::PayloadWithFd(reply.as_slice().to_vec(), fd))
+            }
+            R::SET_INFLIGHT_FD => {
+                expect_fds(1, &fds)?;
+                let q: VhostUserInflight = decode_exact(payload).ok_or_else(bad)?;
+                let fd = fds.into_iter().next().ok_or_else(bad)?;
+                let region = InflightRegion::adopt(
+                    fd,
+                    q.mmap_size,
+                    q.mmap_offset,
+                    q.num_queues,
+                    q.queue_size,
+                )?;
+                self.inflight = Some(Arc::new(region));
+                Ok(Reply::Ack)
+            }
             R::SET_BACKEND_REQ_FD => {
                 expect_fds(1, &fds)?;
                 let fd = fds.into_iter().next().ok_or_else(bad)?;
@@ -595,10 +638,23 @@ impl<D: Device> Session<D> {
             features & VIRTIO_F_RING_EVENT_IDX != 0,
             features & VIRTIO_F_RING_INDIRECT_DESC != 0,
         );
-        let ring = match ring {
+        let mut ring = match ring {
             Ok(r) => r,
             Err(e) => {
                 guest_warn!(queue = i, "cannot start ring: {e}");
+                slot.err.signal();
+                return;
+            }
+        };
+        let tracking = match self
+            .inflight
+            .as_ref()
+            .map(|r| recover(r, i, &mut ring))
+            .transpose()
+        {
+            Ok(t) => t.unwrap_or_default(),
+            Err(e) => {
+                guest_warn!(queue = i, "cannot start ring: inflight region: {e}");
                 slot.err.signal();
                 return;
             }
@@ -624,6 +680,7 @@ impl<D: Device> Session<D> {
             call: Arc::clone(&slot.call),
             err: Arc::clone(&slot.err),
             mem: self.mem.clone(),
+            tracking,
         };
         match Worker::spawn(spec) {
             Ok(w) => {
@@ -676,6 +733,30 @@ impl<D: Device> Session<D> {
         self.reset_queues();
         self.device.disconnected();
     }
+}
+
+/// Sets up inflight tracking for queue `index` and works out what a crash left owed: those
+/// chains are resubmitted first, and new ones are taken after them.
+fn recover(
+    region: &Arc<InflightRegion>,
+    index: u16,
+    ring: &mut SplitRing,
+) -> Result<Tracking, InflightError> {
+    let mut q = region.queue(index, ring.size())?;
+    let r = q.recover(ring.next_used())?;
+    if !r.resubmit.is_empty() {
+        tracing::info!(
+            queue = index,
+            owed = r.resubmit.len(),
+            "resubmitting requests in flight before the restart"
+        );
+    }
+    ring.set_next_avail(r.next_avail);
+    Ok(Tracking {
+        inflight: Some(q),
+        resubmit: r.resubmit.into(),
+        batch: Vec::new(),
+    })
 }
 
 fn has_reply(req: FrontendReq) -> bool {

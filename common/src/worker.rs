@@ -11,7 +11,7 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::device::{Progress, QueueCtx, QueueHandler};
+use crate::device::{Progress, QueueCtx, QueueHandler, Tracking};
 use crate::guest_warn;
 use crate::memory::GuestMemory;
 use crate::notify::Signal;
@@ -48,6 +48,7 @@ pub(crate) struct WorkerSpec<H> {
     pub call: Arc<Signal>,
     pub err: Arc<Signal>,
     pub mem: GuestMemoryAtomic<GuestMemory>,
+    pub tracking: Tracking,
 }
 
 /// A running worker.
@@ -150,7 +151,7 @@ fn pass_inner<H: QueueHandler>(
 ) -> Result<(), RingError> {
     loop {
         spec.ring.disable_notifications(mem)?;
-        let mut ctx = QueueCtx::new(mem, &mut spec.ring);
+        let mut ctx = QueueCtx::new(mem, &mut spec.ring, &mut spec.tracking);
         let progress = spec.handler.process(&mut ctx)?;
         ctx.flush(&spec.call)?;
         if progress == Progress::Waiting {
@@ -164,7 +165,7 @@ fn pass_inner<H: QueueHandler>(
 
 fn finish<H: QueueHandler>(spec: &mut WorkerSpec<H>) {
     let mem = spec.mem.memory().into_inner();
-    let mut ctx = QueueCtx::new(&mem, &mut spec.ring);
+    let mut ctx = QueueCtx::new(&mem, &mut spec.ring, &mut spec.tracking);
     let result = spec
         .handler
         .drain(&mut ctx)

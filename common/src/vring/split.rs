@@ -40,6 +40,8 @@ pub enum RingError {
     Memory,
     #[error("available index moved by {0}, more than the queue size")]
     AvailIndexJump(u16),
+    #[error("inflight region unusable: {0}")]
+    Inflight(String),
 }
 
 /// A chain taken from the available ring.
@@ -129,6 +131,23 @@ impl SplitRing {
 
     pub fn event_idx(&self) -> bool {
         self.event_idx
+    }
+
+    /// Continues taking chains at `next_avail` (after inflight recovery).
+    pub fn set_next_avail(&mut self, next_avail: u16) {
+        self.next_avail = Wrapping(next_avail);
+        self.shadow_avail = Wrapping(next_avail);
+    }
+
+    /// Reads the chain at `head` again without touching the available ring (resubmission of a
+    /// chain taken before a crash).
+    pub fn chain_at(&self, mem: &GuestMemory, head: u16, descs: &mut Vec<Desc>) -> AvailChain {
+        let limits = WalkLimits {
+            queue_size: self.size,
+            indirect: self.indirect,
+        };
+        let error = chain::walk(mem, self.addrs.desc, head, limits, descs).err();
+        AvailChain { head, error }
     }
 
     /// Steps `next_avail` back over `count` chains that were taken but never executed, so a later
