@@ -16,6 +16,7 @@ pub struct BlkFixture {
     pub image: PathBuf,
     pub socket: PathBuf,
     pub scratch: Scratch,
+    args: Vec<String>,
 }
 
 impl BlkFixture {
@@ -38,7 +39,15 @@ impl BlkFixture {
             image,
             socket,
             scratch,
+            args,
         })
+    }
+
+    /// SIGKILLs the daemon (a crash) and starts a new one on the same image and socket.
+    pub fn crash_and_restart(&mut self) -> Result<()> {
+        self.daemon.kill()?;
+        self.daemon = Daemon::start("vhost-user-blk", &self.args, &self.scratch)?;
+        Ok(())
     }
 
     pub fn connect(&self) -> Result<Connection> {

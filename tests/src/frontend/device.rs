@@ -3,8 +3,11 @@
 
 use std::time::Duration;
 
-use anyhow::{ensure, Result};
-use vhost::vhost_user::message::{FrontendReq, VhostUserProtocolFeatures};
+use std::os::fd::{AsFd, OwnedFd};
+
+use anyhow::{ensure, Context, Result};
+use vhost::vhost_user::message::{FrontendReq, VhostUserInflight, VhostUserProtocolFeatures};
+use vm_memory::ByteValued;
 use vm_memory::GuestAddress;
 
 use super::connection::Connection;
@@ -33,6 +36,8 @@ pub struct Setup {
     pub ram_layout: Vec<(u64, u64)>,
     /// GET_QUEUE_NUM counts queue pairs (net) rather than queues.
     pub queue_num_is_pairs: bool,
+    /// Negotiate inflight I/O tracking when the backend offers it (QEMU's vhost-user-blk does).
+    pub inflight: bool,
 }
 
 impl Default for Setup {
@@ -46,6 +51,7 @@ impl Default for Setup {
             add_mem_reg: true,
             ram_layout: vec![(0, 64 << 20)],
             queue_num_is_pairs: false,
+            inflight: true,
         }
     }
 }
@@ -60,6 +66,29 @@ pub struct Frontend {
     pub acked: u64,
     pub protocol: VhostUserProtocolFeatures,
     pub setup: Setup,
+    /// The inflight region (QEMU keeps it across backend restarts).
+    inflight: Option<InflightShm>,
+}
+
+/// The inflight region the backend handed out (GET_INFLIGHT_FD), as QEMU keeps it.
+#[derive(Debug)]
+pub struct InflightShm {
+    pub fd: OwnedFd,
+    pub mmap_size: u64,
+    pub mmap_offset: u64,
+    pub num_queues: u16,
+    pub queue_size: u16,
+}
+
+impl InflightShm {
+    fn payload(&self) -> VhostUserInflight {
+        VhostUserInflight::new(
+            self.mmap_size,
+            self.mmap_offset,
+            self.num_queues,
+            self.queue_size,
+        )
+    }
 }
 
 /// Where the first data byte may go: after all rings, 1 MiB aligned.
@@ -68,43 +97,62 @@ pub fn data_base(setup: &Setup) -> GuestAddress {
     GuestAddress(rings.div_ceil(1 << 20) * (1 << 20))
 }
 
+/// What the handshake negotiated.
+struct Negotiated {
+    offered: u64,
+    protocol: VhostUserProtocolFeatures,
+    use_slots: bool,
+}
+
+/// The part of the handshake QEMU replays on every (re)connection, up to SET_OWNER.
+fn negotiate(conn: &mut Connection, setup: &Setup) -> Result<Negotiated> {
+    let offered = conn.get_u64(FrontendReq::GET_FEATURES)?;
+    ensure!(
+        offered & F_PROTOCOL_FEATURES != 0,
+        "backend does not offer protocol features"
+    );
+    let proto_offered = conn.get_u64(FrontendReq::GET_PROTOCOL_FEATURES)?;
+    let mut want = VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+    if setup.inflight {
+        want |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+    }
+    let protocol = VhostUserProtocolFeatures::from_bits_truncate(proto_offered & want.bits());
+    conn.set_u64(FrontendReq::SET_PROTOCOL_FEATURES, protocol.bits())?;
+    conn.reply_ack = protocol.contains(VhostUserProtocolFeatures::REPLY_ACK);
+    let max_queues = conn.get_u64(FrontendReq::GET_QUEUE_NUM)?;
+    let wanted = if setup.queue_num_is_pairs {
+        setup.queues / 2
+    } else {
+        setup.queues
+    };
+    ensure!(
+        max_queues >= u64::from(wanted),
+        "backend offers {max_queues} queues, {wanted} wanted"
+    );
+    let use_slots =
+        setup.add_mem_reg && protocol.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS);
+    if use_slots {
+        let slots = conn.get_u64(FrontendReq::GET_MAX_MEM_SLOTS)?;
+        ensure!(
+            slots >= setup.ram_layout.len() as u64,
+            "backend offers {slots} memory slots"
+        );
+    }
+    conn.send(FrontendReq::SET_OWNER, &[], &[])?;
+    Ok(Negotiated {
+        offered,
+        protocol,
+        use_slots,
+    })
+}
+
 impl Frontend {
     /// Runs the whole start-up handshake and starts every queue.
     pub fn start(mut conn: Connection, setup: Setup) -> Result<Self> {
-        let offered = conn.get_u64(FrontendReq::GET_FEATURES)?;
-        ensure!(
-            offered & F_PROTOCOL_FEATURES != 0,
-            "backend does not offer protocol features"
-        );
-        let proto_offered = conn.get_u64(FrontendReq::GET_PROTOCOL_FEATURES)?;
-        let want = VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
-        let protocol = VhostUserProtocolFeatures::from_bits_truncate(proto_offered & want.bits());
-        conn.set_u64(FrontendReq::SET_PROTOCOL_FEATURES, protocol.bits())?;
-        conn.reply_ack = protocol.contains(VhostUserProtocolFeatures::REPLY_ACK);
-        let max_queues = conn.get_u64(FrontendReq::GET_QUEUE_NUM)?;
-        let wanted = if setup.queue_num_is_pairs {
-            setup.queues / 2
-        } else {
-            setup.queues
-        };
-        ensure!(
-            max_queues >= u64::from(wanted),
-            "backend offers {max_queues} queues, {wanted} wanted"
-        );
-        let use_slots =
-            setup.add_mem_reg && protocol.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS);
-        if use_slots {
-            let slots = conn.get_u64(FrontendReq::GET_MAX_MEM_SLOTS)?;
-            ensure!(
-                slots >= setup.ram_layout.len() as u64,
-                "backend offers {slots} memory slots"
-            );
-        }
-        conn.send(FrontendReq::SET_OWNER, &[], &[])?;
-
+        let n = negotiate(&mut conn, &setup)?;
         let ram = GuestRam::with_layout(&setup.ram_layout)?;
         let mut queues = Vec::new();
         for q in 0..setup.queues {
@@ -125,22 +173,90 @@ impl Frontend {
             ring_bits |= F_INDIRECT;
         }
         let device_bits = setup.device_features & !(F_EVENT_IDX | F_INDIRECT);
-        let acked = offered & (device_bits | ring_bits | F_PROTOCOL_FEATURES | F_VERSION_1);
+        let acked = n.offered & (device_bits | ring_bits | F_PROTOCOL_FEATURES | F_VERSION_1);
         let mut fe = Self {
             conn,
             ram,
             queues,
-            offered,
+            offered: n.offered,
             acked,
-            protocol,
+            protocol: n.protocol,
             setup,
+            inflight: None,
         };
-        fe.conn.set_u64(FrontendReq::SET_FEATURES, acked)?;
-        fe.send_memory(use_slots)?;
-        for q in 0..fe.setup.queues {
-            fe.start_queue(q, 0)?;
+        if fe
+            .protocol
+            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+        {
+            fe.get_inflight_fd()?;
         }
+        fe.bring_up(n.use_slots, |_| 0)?;
         Ok(fe)
+    }
+
+    /// Reconnects after the backend went away, as QEMU does: the whole handshake again, the same
+    /// inflight region, the same memory, and each ring restarted at its used index.
+    pub fn reconnect(&mut self, conn: Connection) -> Result<()> {
+        self.conn = conn;
+        let n = negotiate(&mut self.conn, &self.setup)?;
+        ensure!(
+            n.offered == self.offered,
+            "backend offers different features after a restart"
+        );
+        let used: Vec<u16> = self
+            .queues
+            .iter()
+            .map(|q| q.used_idx(self.ram.mem()))
+            .collect::<Result<_>>()?;
+        self.bring_up(n.use_slots, |q| used[usize::from(q)])
+    }
+
+    fn get_inflight_fd(&mut self) -> Result<()> {
+        let q = VhostUserInflight::new(0, 0, self.setup.queues, self.setup.queue_size);
+        let reply = self
+            .conn
+            .request(FrontendReq::GET_INFLIGHT_FD, q.as_slice(), &[], true)?
+            .context("no reply")?;
+        let info = VhostUserInflight::from_slice(&reply.payload)
+            .copied()
+            .context("GET_INFLIGHT_FD reply size")?;
+        let fd = reply
+            .fds
+            .into_iter()
+            .next()
+            .context("GET_INFLIGHT_FD without a descriptor")?;
+        self.inflight = Some(InflightShm {
+            fd,
+            mmap_size: info.mmap_size,
+            mmap_offset: info.mmap_offset,
+            num_queues: info.num_queues,
+            queue_size: info.queue_size,
+        });
+        Ok(())
+    }
+
+    /// Inflight region, features, memory and rings, in QEMU's order.
+    fn bring_up(&mut self, use_slots: bool, base: impl Fn(u16) -> u16) -> Result<()> {
+        if let Some(shm) = &self.inflight {
+            let fd = shm.fd.try_clone()?;
+            let payload = shm.payload();
+            self.conn.send(
+                FrontendReq::SET_INFLIGHT_FD,
+                payload.as_slice(),
+                &[fd.as_fd()],
+            )?;
+        }
+        self.conn.set_u64(FrontendReq::SET_FEATURES, self.acked)?;
+        self.send_memory(use_slots)?;
+        for q in 0..self.setup.queues {
+            self.start_queue(q, base(q))?;
+        }
+        Ok(())
+    }
+
+    /// The inflight region's descriptor and geometry, if negotiated.
+    pub fn inflight(&self) -> Option<&InflightShm> {
+        self.inflight.as_ref()
     }
 
     fn send_memory(&mut self, use_slots: bool) -> Result<()> {
