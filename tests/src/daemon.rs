@@ -85,6 +85,18 @@ impl Daemon {
         scratch: &Scratch,
         tweak: impl FnOnce(&mut Command),
     ) -> Result<Self> {
+        Self::spawn_program(&binary(binary_name)?, args, binary_name, scratch, tweak)
+    }
+
+    /// Starts `program` (a wrapper that ends up exec'ing the daemon, for instance) without
+    /// waiting.
+    pub fn spawn_program(
+        program: &Path,
+        args: &[String],
+        binary_name: &str,
+        scratch: &Scratch,
+        tweak: impl FnOnce(&mut Command),
+    ) -> Result<Self> {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let notify_path = scratch.join(&format!("notify-{n}.sock"));
@@ -95,7 +107,7 @@ impl Daemon {
             &notify_path,
             std::os::unix::fs::PermissionsExt::from_mode(0o777),
         )?;
-        let mut cmd = Command::new(binary(binary_name)?);
+        let mut cmd = Command::new(program);
         cmd.args(args)
             .env("NOTIFY_SOCKET", &notify_path)
             .env(

@@ -9,3 +9,4 @@ pub mod guest;
 pub mod load;
 pub mod netload;
 pub mod netns;
+pub mod supervisor;
