@@ -50,6 +50,8 @@ pub struct Supervised {
     binary: String,
     args: Vec<String>,
     listener: Option<UnixListener>,
+    /// Network namespace the daemon runs in (net daemons and their TAP).
+    netns: Option<std::fs::File>,
     pub restarts: u32,
 }
 
@@ -62,21 +64,43 @@ impl Supervised {
         socket: PathBuf,
         scratch: &Scratch,
     ) -> Result<Self> {
+        Self::start_in(mode, binary_name, args, socket, scratch, None)
+    }
+
+    /// Like [`start`](Self::start), with the daemon inside network namespace `netns`.
+    pub fn start_in(
+        mode: Mode,
+        binary_name: &str,
+        args: &[String],
+        socket: PathBuf,
+        scratch: &Scratch,
+        netns: Option<&crate::netns::NetNs>,
+    ) -> Result<Self> {
+        let netns = netns.map(crate::netns::NetNs::open).transpose()?;
         let listener = match mode {
             Mode::SocketActivation | Mode::InheritedFd => Some(UnixListener::bind(&socket)?),
             Mode::Listen | Mode::Client => None,
         };
-        let mut daemon = spawn(mode, binary_name, args, &socket, listener.as_ref(), scratch)?;
-        daemon.wait_ready(std::time::Duration::from_secs(20))?;
-        Ok(Self {
+        let mut s = Self {
             mode,
-            daemon,
+            daemon: spawn(
+                mode,
+                binary_name,
+                args,
+                &socket,
+                listener.as_ref(),
+                netns.as_ref(),
+                scratch,
+            )?,
             socket,
             binary: binary_name.to_owned(),
             args: args.to_vec(),
             listener,
+            netns,
             restarts: 0,
-        })
+        };
+        s.daemon.wait_ready(std::time::Duration::from_secs(20))?;
+        Ok(s)
     }
 
     /// SIGKILL, then a new daemon at once.
@@ -88,6 +112,7 @@ impl Supervised {
             &self.args,
             &self.socket,
             self.listener.as_ref(),
+            self.netns.as_ref(),
             scratch,
         )?;
         self.daemon.wait_ready(std::time::Duration::from_secs(20))?;
@@ -102,6 +127,7 @@ fn spawn(
     args: &[String],
     socket: &std::path::Path,
     listener: Option<&UnixListener>,
+    netns: Option<&std::fs::File>,
     scratch: &Scratch,
 ) -> Result<Daemon> {
     let path = socket.display().to_string();
@@ -113,19 +139,26 @@ fn spawn(
         Mode::SocketActivation => {}
     }
     let inherit = listener.map(|l| l.as_raw_fd());
+    let ns = netns.map(|f| f.as_raw_fd());
     let place_fd = move |cmd: &mut std::process::Command| {
-        if let Some(fd) = inherit {
-            let hook = move || {
+        let hook = move || {
+            if let Some(ns) = ns {
+                // SAFETY: setns is async-signal-safe and moves only the child.
+                if unsafe { libc::setns(ns, libc::CLONE_NEWNET) } != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if let Some(fd) = inherit {
                 // SAFETY: dup2 is async-signal-safe; it places the listening socket at fd 3
                 // (without close-on-exec) in the child only.
                 if unsafe { libc::dup2(fd, 3) } < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                Ok(())
-            };
-            // SAFETY: the hook only calls dup2.
-            unsafe { cmd.pre_exec(hook) };
-        }
+            }
+            Ok(())
+        };
+        // SAFETY: the hook only calls setns and dup2.
+        unsafe { cmd.pre_exec(hook) };
     };
     if mode == Mode::SocketActivation {
         // systemd sets LISTEN_PID to the daemon's own pid: a shell that exec's keeps its pid.

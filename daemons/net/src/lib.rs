@@ -71,6 +71,13 @@ pub fn run(config: Config) -> Result<(), RunError> {
         .unwrap_or_default();
     if let TapSource::Name(_) = config.tap {
         if let Some(t) = taps.first() {
+            // A crash must not take the interface (and its configuration) with it.
+            if let Err(e) = t.set_persistent() {
+                tracing::warn!(
+                    "cannot make {name} persistent; a restart recreates it unconfigured: {}",
+                    bulkhead_common::logging::chain(&e)
+                );
+            }
             if let Err(e) = t.set_up() {
                 tracing::warn!(
                     "cannot bring {name} up (do it yourself): {}",

@@ -102,6 +102,16 @@ impl TapQueue {
         Ok(TapQueue { file })
     }
 
+    /// Makes the interface outlive this process, so that a restarted daemon finds it again with
+    /// its addresses, routes and bridge membership (TUNSETPERSIST).
+    pub fn set_persistent(&self) -> Result<(), TapError> {
+        // SAFETY: TUNSETPERSIST takes the flag as the argument value.
+        if unsafe { libc::ioctl(self.fd(), libc::TUNSETPERSIST, 1 as libc::c_ulong) } < 0 {
+            return Err(TapError::Configure(io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
     /// Adopts a TAP queue descriptor opened by a privileged parent (`--tap-fd`).
     pub fn from_fd(fd: OwnedFd) -> Result<TapQueue, TapError> {
         let raw = fd.as_raw_fd();

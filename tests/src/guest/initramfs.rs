@@ -109,8 +109,12 @@ ip link set lo up
 stty -echo
 export PS1='{prompt}' PS2=''
 echo {ready}
-# A new session with ttyS0 as controlling terminal, so job control and ^C work.
-exec setsid cttyhack sh
+# A new session with ttyS0 as controlling terminal, so job control and ^C work. The shell is a
+# child, not PID 1: orphaned background jobs are reparented to PID 1, and an interactive ash
+# that reaps them is interrupted in its terminal read and takes that for end of input.
+setsid cttyhack sh
+echo "shell exited; powering off"
+poweroff -f
 "#,
         modules = names.join(" "),
         failed = MODULE_FAILED_MARKER,
