@@ -186,15 +186,19 @@ fn tcp_transfer_survives_daemon_crashes() -> Result<()> {
                 counter.fetch_add(n, Ordering::Relaxed);
             }
         });
-        let size = 24 * MIB;
+        let kills: usize = std::env::var("BULKHEAD_KILLS")
+            .ok()
+            .and_then(|k| k.parse().ok())
+            .unwrap_or(3);
+        let size = (24 * MIB).max(kills * 3 * MIB);
         g.run_ok(
             &format!("dd if=/dev/urandom of=/tmp/up bs={MIB} count={} 2>/dev/null && sha256sum /tmp/up > /tmp/up.sum && (nc 10.0.0.1 5000 < /tmp/up; echo $? > /tmp/nc.rc) > /dev/null 2>&1 & echo started", size / MIB),
             T,
         )?;
-        // Crash the daemon three times while the bytes are flowing.
+        // Crash the daemon (three times by default) while the bytes are flowing.
         let mut resumed = Vec::new();
-        for k in 1..=3 {
-            let mark = k * size / 5;
+        for k in 1..=kills {
+            let mark = k * size / (kills + 2);
             let start = Instant::now();
             while received.load(Ordering::Relaxed) < mark {
                 ensure!(
