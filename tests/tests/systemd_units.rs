@@ -91,3 +91,35 @@ fn socket_activation_by_systemd_socket_activate_serves_io() -> Result<()> {
     ensure!(d.log().contains("frontend connected"), "log:\n{}", d.log());
     Ok(())
 }
+
+/// The description files management tools read (QEMU's `@VhostUserBackend`) name each daemon
+/// with the type its `--print-capabilities` reports.
+#[test]
+fn backend_description_files_match_the_binaries() -> Result<()> {
+    for (daemon, file) in [
+        ("vhost-user-blk", "blk/50-bulkhead-vhost-user-blk.json"),
+        ("vhost-user-net", "net/50-bulkhead-vhost-user-net.json"),
+    ] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../daemons")
+            .join(file);
+        let desc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+        let caps = Command::new(bulkhead_tests::daemon::binary(daemon)?)
+            .arg("--print-capabilities")
+            .output()?;
+        let caps: serde_json::Value = serde_json::from_slice(&caps.stdout)?;
+        ensure!(
+            desc["type"] == caps["type"],
+            "{file}: type {} vs {}",
+            desc["type"],
+            caps["type"]
+        );
+        ensure!(desc["description"].as_str().is_some_and(|d| !d.is_empty()));
+        let binary = desc["binary"].as_str().context("binary")?;
+        ensure!(
+            binary.starts_with('/') && binary.ends_with(daemon),
+            "{file}: binary {binary}"
+        );
+    }
+    Ok(())
+}
