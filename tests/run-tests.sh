@@ -10,3 +10,6 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # Integration tests spawn the daemon binaries, so build them first (same profile as the tests).
 cargo build --workspace --release --locked
 cargo test --workspace --release --locked -- --test-threads="${BULKHEAD_TEST_THREADS:-2}"
+# The harness, in its quick mode: keeps it working (no timed assertions).
+target/release/bulkhead-bench --quick --out target/bench-quick > /dev/null
+test -s target/bench-quick/report.json && test -s target/bench-quick/report.md && ls target/bench-quick/*.svg > /dev/null

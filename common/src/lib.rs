@@ -17,6 +17,7 @@ pub mod capabilities;
 pub mod cli;
 pub mod device;
 pub mod inflight;
+pub mod local;
 pub mod logging;
 pub mod memfd;
 pub mod memory;

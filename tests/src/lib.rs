@@ -2,6 +2,7 @@
 //! a kit to run the daemons, and a guest kit that boots QEMU.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod bench;
 pub mod daemon;
 pub mod fixture;
 pub mod frontend;

@@ -22,12 +22,13 @@ pub struct Args {
     pub serve: ServeArgs,
 
     /// Raw disk image or block device to serve.
-    #[arg(
-        long,
-        value_name = "PATH",
-        required_unless_present = "print_capabilities"
-    )]
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["print_capabilities", "null"])]
     pub blk_file: Option<PathBuf>,
+
+    /// Serve a null device of this many bytes instead of a file: writes are dropped and reads
+    /// leave the guest's buffers untouched. For measuring the device path alone.
+    #[arg(long, value_name = "BYTES", conflicts_with = "blk_file")]
+    pub null: Option<u64>,
 
     /// Expose the disk read-only (writes fail with an I/O error; the file is opened read-only).
     #[arg(long)]
@@ -57,7 +58,7 @@ pub struct Args {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("--blk-file is required")]
+    #[error("--blk-file (or --null) is required")]
     MissingFile,
     #[error("--queues must be between 1 and 1024, got {0}")]
     Queues(u16),
@@ -67,11 +68,18 @@ pub enum ConfigError {
     Serial,
 }
 
+/// What the device stores data in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backing {
+    File(PathBuf),
+    Null(u64),
+}
+
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub serve: ServeArgs,
-    pub blk_file: PathBuf,
+    pub backing: Backing,
     pub read_only: bool,
     pub queues: u16,
     pub queue_size: u16,
@@ -84,20 +92,25 @@ impl TryFrom<Args> for Config {
     type Error = ConfigError;
 
     fn try_from(a: Args) -> Result<Self, ConfigError> {
-        let blk_file = a.blk_file.ok_or(ConfigError::MissingFile)?;
+        let backing = match (a.blk_file, a.null) {
+            (Some(p), _) => Backing::File(p),
+            (None, Some(n)) => Backing::Null(n),
+            (None, None) => return Err(ConfigError::MissingFile),
+        };
         if a.queues == 0 || a.queues > 1024 {
             return Err(ConfigError::Queues(a.queues));
         }
         if a.queue_size < 2 || a.queue_size > MAX_QUEUE_SIZE || !a.queue_size.is_power_of_two() {
             return Err(ConfigError::QueueSize(a.queue_size));
         }
-        let serial = match a.serial {
-            Some(s) => serial_bytes(s.as_bytes()).ok_or(ConfigError::Serial)?,
-            None => default_serial(&blk_file),
+        let serial = match (a.serial, &backing) {
+            (Some(s), _) => serial_bytes(s.as_bytes()).ok_or(ConfigError::Serial)?,
+            (None, Backing::File(p)) => default_serial(p),
+            (None, Backing::Null(_)) => serial_bytes(b"bh-null").unwrap_or_default(),
         };
         Ok(Config {
             serve: a.serve,
-            blk_file,
+            backing,
             read_only: a.read_only,
             queues: a.queues,
             queue_size: a.queue_size,

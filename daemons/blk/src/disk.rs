@@ -36,6 +36,9 @@ pub enum DiskError {
 pub enum DiskKind {
     File,
     BlockDevice,
+    /// No storage: writes are dropped, reads leave the guest's buffers untouched (like
+    /// qemu-storage-daemon's `null-co`); for measuring the device path alone.
+    Null,
 }
 
 /// How to open the disk.
@@ -118,6 +121,30 @@ impl Disk {
         })
     }
 
+    /// A null disk of `capacity` bytes (rounded down to 512).
+    pub fn null(capacity: u64, read_only: bool) -> Result<Self, DiskError> {
+        let path = PathBuf::from("null");
+        let capacity = capacity - capacity % SECTOR_SIZE;
+        if capacity == 0 {
+            return Err(DiskError::TooSmall(path));
+        }
+        // A descriptor keeps the type uniform; nothing is ever read or written through it.
+        let file = File::open("/dev/null").map_err(|source| DiskError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(Self {
+            file,
+            path,
+            kind: DiskKind::Null,
+            capacity,
+            logical_block: 512,
+            physical_block: 4096,
+            read_only,
+            direct: false,
+        })
+    }
+
     pub fn file(&self) -> &File {
         &self.file
     }
@@ -145,6 +172,9 @@ impl Disk {
 
     /// Makes completed writes durable.
     pub fn flush(&self) -> io::Result<()> {
+        if self.kind == DiskKind::Null {
+            return Ok(());
+        }
         self.file.sync_data()
     }
 
@@ -159,6 +189,7 @@ impl Disk {
                 len,
             ),
             DiskKind::BlockDevice => ioctl_range(&self.file, BLKDISCARD, offset, len),
+            DiskKind::Null => Ok(()),
         };
         match r {
             Err(e) if unsupported(&e) => Ok(()),
@@ -195,6 +226,7 @@ impl Disk {
                 }
             }),
             DiskKind::BlockDevice => ioctl_range(&self.file, BLKZEROOUT, offset, len),
+            DiskKind::Null => Ok(()),
         };
         match attempt {
             Err(e) if unsupported(&e) => self.write_zero_buffers(offset, len),

@@ -55,13 +55,16 @@ pub enum RunError {
 pub fn run(config: Config) -> Result<(), RunError> {
     // Before any thread exists, so that every thread inherits the blocked signal mask.
     let signals = Signals::install().map_err(RunError::Signals)?;
-    let disk = disk::Disk::open(&disk::DiskOptions {
-        path: config.blk_file.clone(),
-        read_only: config.read_only,
-        direct: config.direct,
-    })?;
+    let disk = match &config.backing {
+        config::Backing::File(path) => disk::Disk::open(&disk::DiskOptions {
+            path: path.clone(),
+            read_only: config.read_only,
+            direct: config.direct,
+        })?,
+        config::Backing::Null(size) => disk::Disk::null(*size, config.read_only)?,
+    };
     tracing::info!(
-        file = %config.blk_file.display(),
+        file = %disk.path().display(),
         capacity = disk.capacity(),
         read_only = config.read_only,
         direct = config.direct,

@@ -8,6 +8,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::device::{data_base, Frontend, WAIT};
 use super::queue::Buf;
+use super::rings::Rings;
 
 pub const T_IN: u32 = 0;
 pub const T_OUT: u32 = 1;
@@ -68,8 +69,8 @@ struct InFlight {
 }
 
 #[derive(Debug)]
-pub struct BlkDriver {
-    pub fe: Frontend,
+pub struct BlkDriver<R = Frontend> {
+    pub fe: R,
     /// Bytes of data one request may carry.
     pub max_data: u32,
     /// Split data into this many descriptors (exercises segmented chains).
@@ -83,17 +84,17 @@ pub struct BlkDriver {
     in_flight: Vec<HashMap<u16, InFlight>>,
 }
 
-impl BlkDriver {
+impl<R: Rings> BlkDriver<R> {
     /// Wraps a started frontend; each queue gets `depth` request slots of `max_data` bytes.
-    pub fn new(fe: Frontend, depth: u32, max_data: u32) -> Result<Self> {
-        let base = data_base(&fe.setup);
+    pub fn new(fe: R, depth: u32, max_data: u32) -> Result<Self> {
+        let base = data_base(fe.setup());
         let tag_bytes = (TAG_DATA + u64::from(max_data)).div_ceil(4096) * 4096;
-        let ram: u64 = fe.ram.regions()[0].size;
-        let need = base.0 + tag_bytes * u64::from(depth) * u64::from(fe.setup.queues);
+        let ram: u64 = fe.ram().regions()[0].size;
+        let need = base.0 + tag_bytes * u64::from(depth) * u64::from(fe.setup().queues);
         if need > ram {
             bail!("guest RAM of {ram} bytes is too small for {depth} requests of {max_data} bytes per queue (needs {need})");
         }
-        let queues = usize::from(fe.setup.queues);
+        let queues = usize::from(fe.setup().queues);
         Ok(Self {
             fe,
             max_data,
@@ -124,7 +125,7 @@ impl BlkDriver {
         let Some(tag) = self.free_tags[qi].pop() else {
             return Ok(None);
         };
-        let mem = self.fe.ram.mem();
+        let mem = self.fe.ram().mem();
         let (kind, sector, out_data, in_len): (u32, u64, Vec<u8>, u32) = match op {
             BlkOp::Read { sector, len } => (T_IN, *sector, Vec::new(), *len),
             BlkOp::Write { sector, data } => (T_OUT, *sector, data.clone(), 0),
@@ -211,7 +212,7 @@ impl BlkDriver {
         let f = self.in_flight[qi]
             .remove(&head)
             .with_context(|| format!("completion for unknown head {head}"))?;
-        let mem = self.fe.ram.mem();
+        let mem = self.fe.ram().mem();
         let status: u8 = mem.read_obj(self.tag_addr(q, f.tag, TAG_STATUS))?;
         let mut data = vec![0u8; f.in_len as usize];
         mem.read_slice(&mut data, self.tag_addr(q, f.tag, TAG_DATA))?;

@@ -6,6 +6,7 @@ pub mod device;
 pub mod net;
 pub mod queue;
 pub mod ram;
+pub mod rings;
 
 pub use blk::{BlkDriver, BlkOp, Completion};
 pub use connection::Connection;
@@ -13,3 +14,4 @@ pub use device::{Frontend, Setup};
 pub use net::{NetDriver, RxFrame, VnetHdr};
 pub use queue::{Buf, DriverQueue, RingLayout};
 pub use ram::GuestRam;
+pub use rings::{LocalRings, Rings};

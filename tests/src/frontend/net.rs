@@ -9,6 +9,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::device::{data_base, Frontend};
 use super::queue::Buf;
+use super::rings::Rings;
 
 pub const F_MRG_RXBUF: u32 = 15;
 pub const HDR_LEN: usize = 12;
@@ -67,8 +68,8 @@ pub struct RxFrame {
 }
 
 #[derive(Debug)]
-pub struct NetDriver {
-    pub fe: Frontend,
+pub struct NetDriver<R = Frontend> {
+    pub fe: R,
     pub rx_buf: u32,
     pub mergeable: bool,
     base: GuestAddress,
@@ -80,17 +81,17 @@ pub struct NetDriver {
     tx_heads: Vec<HashMap<u16, u32>>,
 }
 
-impl NetDriver {
+impl<R: Rings> NetDriver<R> {
     /// Each pair gets `rx_depth` receive buffers of `rx_buf` bytes and `tx_depth` transmit slots.
-    pub fn new(fe: Frontend, rx_buf: u32, rx_depth: u32, tx_depth: u32) -> Result<Self> {
-        let pairs = usize::from(fe.setup.queues / 2);
+    pub fn new(fe: R, rx_buf: u32, rx_depth: u32, tx_depth: u32) -> Result<Self> {
+        let pairs = usize::from(fe.setup().queues / 2);
         ensure!(
-            pairs > 0 && fe.setup.queues.is_multiple_of(2),
+            pairs > 0 && fe.setup().queues.is_multiple_of(2),
             "net needs queue pairs"
         );
-        let base = data_base(&fe.setup);
+        let base = data_base(fe.setup());
         let per_pair = u64::from(rx_buf) * u64::from(rx_depth) + TX_SLOT * u64::from(tx_depth);
-        let ram = fe.ram.regions()[0].size;
+        let ram = fe.ram().regions()[0].size;
         ensure!(
             base.0 + per_pair * pairs as u64 <= ram,
             "guest RAM too small for the buffers"
@@ -175,7 +176,7 @@ impl NetDriver {
             .context("unknown receive head")?;
         let mut data = vec![0u8; used.len as usize];
         self.fe
-            .ram
+            .ram()
             .mem()
             .read_slice(&mut data, self.rx_addr(pair, tag))?;
         self.rx_free[usize::from(pair)].push(tag);
@@ -230,7 +231,7 @@ impl NetDriver {
             return Ok(None);
         };
         let addr = self.tx_addr(pair, tag);
-        let mem = self.fe.ram.mem();
+        let mem = self.fe.ram().mem();
         mem.write_slice(&hdr.to_bytes(), addr)?;
         mem.write_slice(frame, GuestAddress(addr.0 + HDR_LEN as u64))?;
         let mut bufs = vec![Buf::readable(addr, HDR_LEN as u32)];

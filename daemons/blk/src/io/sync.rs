@@ -8,7 +8,7 @@ use bulkhead_common::GuestMemory;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::iov;
-use crate::disk::{AlignedBuf, Disk};
+use crate::disk::{AlignedBuf, Disk, DiskKind};
 use crate::request::{Op, Range, Request, Segment};
 
 /// Bounce buffer size for O_DIRECT requests whose guest buffers are misaligned.
@@ -52,6 +52,9 @@ impl SyncIo<'_> {
         data: &[Segment],
         iovs: &mut Vec<libc::iovec>,
     ) -> Outcome {
+        if self.disk.kind() == DiskKind::Null {
+            return null_outcome(&req.op, self.serial, mem, data);
+        }
         let result = match &req.op {
             Op::Read { offset, len } => self
                 .read(mem, data, *offset, *len, iovs)
@@ -290,5 +293,15 @@ impl<'a> SegmentCursor<'a> {
             self.offset += n as u32;
             return Ok((addr, n));
         }
+    }
+}
+
+/// A null disk completes everything at once; reads report their length without touching the
+/// guest's buffers.
+fn null_outcome(op: &Op, serial: &[u8; ID_BYTES], mem: &GuestMemory, data: &[Segment]) -> Outcome {
+    match op {
+        Op::Read { len, .. } => Outcome::ok(to_u32(*len)),
+        Op::GetId { len } => write_id(mem, data, serial, *len).map_or(Outcome::FAILED, Outcome::ok),
+        Op::Write { .. } | Op::Flush | Op::Discard(_) | Op::WriteZeroes(_) => Outcome::ok(0),
     }
 }

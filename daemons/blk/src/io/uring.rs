@@ -133,6 +133,9 @@ impl Uring {
                 return Err(NotQueued::RunSync)
             }
         };
+        if sync.disk.kind() == crate::disk::DiskKind::Null {
+            return Err(NotQueued::RunSync);
+        }
         let Some(&index) = self.free.last() else {
             return Err(NotQueued::RunSync);
         };

@@ -1,0 +1,54 @@
+//! CPU time accounting and CPU placement for the harness.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+/// CPU time (user + system) of process `pid` so far.
+pub fn process_cpu(pid: u32) -> Result<Duration> {
+    crate::daemon::cpu_time(pid)
+}
+
+/// CPU time of this process so far.
+pub fn own_cpu() -> Result<Duration> {
+    process_cpu(std::process::id())
+}
+
+/// Pins thread `tid` (or a whole single-threaded process) to `cpu`.
+pub fn pin(tid: i32, cpu: usize) -> Result<()> {
+    // SAFETY: cpu_set_t is plain data for which all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid cpu_set_t.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: a valid set of the advertised size.
+    if unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("sched_setaffinity");
+    }
+    Ok(())
+}
+
+/// Pins every thread of process `pid` whose name starts with `prefix` to `cpu`.
+pub fn pin_threads(pid: u32, prefix: &str, cpu: usize) -> Result<usize> {
+    let mut n = 0;
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let entry = entry?;
+        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+        if comm.trim_end().starts_with(prefix) {
+            let tid: i32 = entry.file_name().to_string_lossy().parse()?;
+            pin(tid, cpu)?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// Pins all threads of process `pid`.
+pub fn pin_process(pid: u32, cpu: usize) -> Result<()> {
+    pin_threads(pid, "", cpu).map(|_| ())
+}
+
+/// The calling thread's id.
+pub fn gettid() -> i32 {
+    // SAFETY: gettid has no side effects.
+    unsafe { libc::gettid() }
+}

@@ -1,0 +1,273 @@
+//! The isolation harness: the same device code in-process (called directly, or on a worker
+//! thread with eventfds) and out of process (the daemons over vhost-user), against peers, on the
+//! same work in one run. Writes `report.json`, `report.md` and SVG plots.
+
+pub mod blk;
+pub mod cpu;
+pub mod net;
+pub mod pingpong;
+pub mod report;
+pub mod stats;
+pub mod svg;
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Result;
+use serde::Serialize;
+
+use blk::{Backend, BlkCase, BlkPlacement, BlkPoint};
+use net::{NetPlacement, NetPoint};
+
+/// How much to run.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    pub quick: bool,
+    pub reps: usize,
+    pub seconds: f64,
+}
+
+impl Options {
+    pub fn duration(&self) -> Duration {
+        Duration::from_secs_f64(self.seconds)
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    pub cpus: usize,
+    pub cpu_model: String,
+    pub kernel: String,
+    pub date: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RxPoint {
+    pub point: NetPoint,
+    pub injected_frames_per_sec: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub machine: Machine,
+    pub quick: bool,
+    pub reps: usize,
+    pub seconds_per_point: f64,
+    /// eventfd round trip between two threads, microseconds (median).
+    pub notify_rtt_same_cpu_us: f64,
+    pub notify_rtt_cross_cpu_us: f64,
+    pub blk: Vec<BlkPoint>,
+    pub net_tx: Vec<NetPoint>,
+    pub net_rx: Vec<RxPoint>,
+}
+
+fn machine() -> Machine {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu_model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("unknown")
+        .trim()
+        .to_owned();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let date = std::process::Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d %H:%M UTC")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    Machine {
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        cpu_model,
+        kernel,
+        date,
+    }
+}
+
+/// Runs `f` `reps` times and keeps, field by field, the medians (via `combine`).
+fn repeat<T: Clone>(
+    reps: usize,
+    mut f: impl FnMut() -> Result<T>,
+    combine: impl Fn(&[T]) -> T,
+) -> Result<T> {
+    let runs: Vec<T> = (0..reps.max(1)).map(|_| f()).collect::<Result<_>>()?;
+    Ok(combine(&runs))
+}
+
+fn median_blk(runs: &[BlkPoint]) -> BlkPoint {
+    let m = |g: fn(&BlkPoint) -> f64| stats::median(&runs.iter().map(g).collect::<Vec<_>>());
+    BlkPoint {
+        ops_per_sec: m(|p| p.ops_per_sec),
+        mib_per_sec: m(|p| p.mib_per_sec),
+        p50_us: m(|p| p.p50_us),
+        p99_us: m(|p| p.p99_us),
+        p999_us: m(|p| p.p999_us),
+        cpu_us_per_op_frontend: m(|p| p.cpu_us_per_op_frontend),
+        cpu_us_per_op_device: m(|p| p.cpu_us_per_op_device),
+        ..runs[0].clone()
+    }
+}
+
+fn median_net(runs: &[NetPoint]) -> NetPoint {
+    let m = |g: fn(&NetPoint) -> f64| stats::median(&runs.iter().map(g).collect::<Vec<_>>());
+    NetPoint {
+        frames_per_sec: m(|p| p.frames_per_sec),
+        gbit_per_sec: m(|p| p.gbit_per_sec),
+        cpu_us_per_frame_frontend: m(|p| p.cpu_us_per_frame_frontend),
+        cpu_us_per_frame_device: m(|p| p.cpu_us_per_frame_device),
+        ..runs[0].clone()
+    }
+}
+
+/// The block cases of the suite.
+fn blk_cases(quick: bool) -> Vec<BlkCase> {
+    use BlkPlacement::*;
+    let mut v = Vec::new();
+    let case = |placement, backend, depth, block, same_cpu, event_idx| BlkCase {
+        placement,
+        backend,
+        depth,
+        block,
+        same_cpu,
+        event_idx,
+    };
+    let depths: &[u32] = if quick { &[1, 32] } else { &[1, 4, 16, 32, 64] };
+    let cpus: &[bool] = if quick { &[true] } else { &[true, false] };
+    for &same in cpus {
+        for &qd in depths {
+            for p in [
+                InProcessDirect,
+                InProcessThreaded,
+                OutOfProcess,
+                QemuStorageDaemon,
+            ] {
+                if p == InProcessDirect && !same {
+                    continue; // no second thread to place
+                }
+                v.push(case(p, Backend::Null, qd, 4096, same, true));
+            }
+        }
+    }
+    if !quick {
+        for block in [512, 65536, 131072] {
+            for p in [InProcessThreaded, OutOfProcess, QemuStorageDaemon] {
+                v.push(case(p, Backend::Null, 32, block, true, true));
+            }
+        }
+        for qd in [1, 32] {
+            v.push(case(OutOfProcess, Backend::Null, qd, 4096, true, false));
+        }
+    }
+    for qd in [1, 32] {
+        for p in [InProcessThreaded, OutOfProcess, QemuStorageDaemon] {
+            v.push(case(p, Backend::Tmpfs, qd, 4096, true, true));
+        }
+    }
+    v
+}
+
+/// Runs the suite and writes the report files into `out`.
+pub fn run_suite(opts: Options, out: &Path) -> Result<Report> {
+    std::fs::create_dir_all(out)?;
+    let d = opts.duration();
+    let rtt_time = if opts.quick {
+        Duration::from_millis(200)
+    } else {
+        Duration::from_secs(1)
+    };
+    let rtt_same = pingpong::round_trip_us(0, 0, rtt_time)?;
+    let rtt_cross = pingpong::round_trip_us(0, 1 % cpu_count(), rtt_time)?;
+    eprintln!("notification round trip: same CPU {rtt_same:.1} us, across CPUs {rtt_cross:.1} us");
+
+    let image = blk::tmpfs_image()?;
+    let mut blk_points = Vec::new();
+    for case in blk_cases(opts.quick) {
+        let p = repeat(opts.reps, || blk::run(case, &image, d), median_blk)?;
+        eprintln!(
+            "blk {:?} {:?} qd{} {}B same_cpu={} event_idx={}: {:.0} ops/s p50 {:.1} us",
+            p.placement,
+            p.backend,
+            p.depth,
+            p.block,
+            p.same_cpu,
+            p.event_idx,
+            p.ops_per_sec,
+            p.p50_us
+        );
+        blk_points.push(p);
+    }
+    let _ = std::fs::remove_file(&image);
+
+    let mut net_tx = Vec::new();
+    let sizes: &[usize] = if opts.quick {
+        &[64, 65536]
+    } else {
+        &[64, 1514, 65536]
+    };
+    for &size in sizes {
+        for p in [
+            NetPlacement::RawTapWrite,
+            NetPlacement::InProcessDirect,
+            NetPlacement::InProcessThreaded,
+            NetPlacement::OutOfProcess,
+        ] {
+            let point = repeat(opts.reps, || net::run_tx(p, size, true, d), median_net)?;
+            eprintln!(
+                "net tx {:?} {size}B: {:.0} frames/s {:.2} Gbit/s",
+                point.placement, point.frames_per_sec, point.gbit_per_sec
+            );
+            net_tx.push(point);
+        }
+    }
+    if !opts.quick {
+        for p in [NetPlacement::InProcessThreaded, NetPlacement::OutOfProcess] {
+            net_tx.push(repeat(
+                opts.reps,
+                || net::run_tx(p, 64, false, d),
+                median_net,
+            )?);
+        }
+    }
+    let mut net_rx = Vec::new();
+    let rx_sizes: &[usize] = if opts.quick {
+        &[1514]
+    } else {
+        &[64, 1514, 65536]
+    };
+    for &size in rx_sizes {
+        let (point, injected) = net::run_rx(size, d)?;
+        eprintln!(
+            "net rx {size}B: {:.0} frames/s (injected {injected:.0}/s)",
+            point.frames_per_sec
+        );
+        net_rx.push(RxPoint {
+            point,
+            injected_frames_per_sec: injected,
+        });
+    }
+    let r = Report {
+        machine: machine(),
+        quick: opts.quick,
+        reps: opts.reps,
+        seconds_per_point: opts.seconds,
+        notify_rtt_same_cpu_us: rtt_same,
+        notify_rtt_cross_cpu_us: rtt_cross,
+        blk: blk_points,
+        net_tx,
+        net_rx,
+    };
+    report::write_all(&r, out)?;
+    Ok(r)
+}
+
+/// Online CPUs of the machine (not the calling thread's affinity, which the harness narrows).
+fn cpu_count() -> usize {
+    // SAFETY: sysconf has no side effects.
+    usize::try_from(unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) })
+        .unwrap_or(1)
+        .max(1)
+}
