@@ -81,7 +81,7 @@ fn machine() -> Machine {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
     Machine {
-        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        cpus: cpu_count(),
         cpu_model,
         kernel,
         date,
