@@ -5,7 +5,7 @@
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 
-use crate::serve::{inherited_fd, systemd_socket, Endpoint, ServeError};
+use crate::serve::{inherited_fd, systemd_socket, Endpoint, EngineOptions, ServeError};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
@@ -27,6 +27,12 @@ pub struct ServeArgs {
     #[arg(long)]
     pub print_capabilities: bool,
 
+    /// Busy-poll each queue for this many microseconds after its last request before sleeping:
+    /// a guest submitting again soon needs no kick and the queue no wake-up. Costs CPU; pays
+    /// when the guest and the daemon run on different CPUs. 0 (default): never poll.
+    #[arg(long, value_name = "MICROSECONDS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub poll_us: u64,
+
     /// Log filter (error, warn, info, debug, trace, or a tracing directive); overrides RUST_LOG.
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
@@ -41,6 +47,12 @@ pub enum EndpointError {
 }
 
 impl ServeArgs {
+    /// Options for the queue workers.
+    pub fn engine_options(&self) -> EngineOptions {
+        EngineOptions {
+            poll: std::time::Duration::from_micros(self.poll_us),
+        }
+    }
     /// Where frontends come from: `--fd`, then a systemd-activated socket, then `--socket-path`.
     pub fn endpoint(&self) -> Result<Endpoint, EndpointError> {
         if let Some(fd) = self.fd {

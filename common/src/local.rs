@@ -83,6 +83,7 @@ impl ThreadedQueue {
         ring: LocalRing,
         kick: EventFd,
         call: EventFd,
+        poll: std::time::Duration,
     ) -> Result<Self, LocalError> {
         let split = ring.open(&mem)?;
         let signal = Arc::new(Signal::new());
@@ -96,6 +97,7 @@ impl ThreadedQueue {
             err: Arc::new(Signal::new()),
             mem: GuestMemoryAtomic::new(mem),
             tracking: Tracking::default(),
+            poll,
         };
         Ok(Self {
             worker: Some(Worker::spawn(spec).map_err(LocalError::Spawn)?),

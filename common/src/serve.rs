@@ -15,6 +15,13 @@ use crate::device::Device;
 use crate::session::{Session, SessionEnd};
 use crate::signals::{Signals, Wait};
 
+/// How queues are run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EngineOptions {
+    /// Busy-poll a queue this long after its last work (zero: sleep at once).
+    pub poll: Duration,
+}
+
 /// Where frontends come from.
 #[derive(Debug)]
 pub enum Endpoint {
@@ -57,18 +64,19 @@ pub fn serve<D: Device>(
     device: Arc<D>,
     endpoint: Endpoint,
     signals: &Signals,
+    opts: EngineOptions,
 ) -> Result<(), ServeError> {
     match endpoint {
         Endpoint::Listen(path) => {
             let listener = listen(&path)?;
             let _cleanup = RemoveOnDrop(path);
-            accept_loop(&device, &listener, signals)
+            accept_loop(&device, &listener, signals, opts)
         }
         Endpoint::Connect(path) => {
             sd_notify("READY=1");
             while let Some(stream) = connect_with_backoff(&path, signals) {
                 tracing::info!(path = %path.display(), "connected to frontend");
-                if run_session(&device, stream, signals) == SessionEnd::Shutdown {
+                if run_session(&device, stream, signals, opts) == SessionEnd::Shutdown {
                     break;
                 }
             }
@@ -78,11 +86,11 @@ pub fn serve<D: Device>(
             let raw = fd.as_raw_fd();
             if is_listening(&fd).map_err(|source| ServeError::NotASocket { fd: raw, source })? {
                 let listener = UnixListener::from(fd);
-                accept_loop(&device, &listener, signals)
+                accept_loop(&device, &listener, signals, opts)
             } else {
                 sd_notify("READY=1");
                 let stream = UnixStream::from(fd);
-                run_session(&device, stream, signals);
+                run_session(&device, stream, signals, opts);
                 Ok(())
             }
         }
@@ -130,6 +138,7 @@ fn accept_loop<D: Device>(
     device: &Arc<D>,
     listener: &UnixListener,
     signals: &Signals,
+    opts: EngineOptions,
 ) -> Result<(), ServeError> {
     sd_notify("READY=1");
     tracing::info!("waiting for frontends");
@@ -148,14 +157,19 @@ fn accept_loop<D: Device>(
             Err(e) => return Err(ServeError::Accept(e)),
         };
         tracing::info!("frontend connected");
-        if run_session(device, stream, signals) == SessionEnd::Shutdown {
+        if run_session(device, stream, signals, opts) == SessionEnd::Shutdown {
             return Ok(());
         }
     }
 }
 
-fn run_session<D: Device>(device: &Arc<D>, stream: UnixStream, signals: &Signals) -> SessionEnd {
-    let end = Session::new(Arc::clone(device), stream).run(signals);
+fn run_session<D: Device>(
+    device: &Arc<D>,
+    stream: UnixStream,
+    signals: &Signals,
+    opts: EngineOptions,
+) -> SessionEnd {
+    let end = Session::new(Arc::clone(device), stream, opts).run(signals);
     match end {
         SessionEnd::Disconnected => tracing::info!("frontend disconnected"),
         SessionEnd::Shutdown => {

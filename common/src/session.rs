@@ -149,6 +149,7 @@ pub struct Session<D: Device> {
     queues: Vec<QueueSlot>,
     backend_req: Option<UnixStream>,
     inflight: Option<Arc<InflightRegion>>,
+    opts: crate::serve::EngineOptions,
 }
 
 impl<D: Device> std::fmt::Debug for Session<D> {
@@ -163,7 +164,7 @@ impl<D: Device> std::fmt::Debug for Session<D> {
 }
 
 impl<D: Device> Session<D> {
-    pub fn new(device: Arc<D>, stream: UnixStream) -> Self {
+    pub fn new(device: Arc<D>, stream: UnixStream, opts: crate::serve::EngineOptions) -> Self {
         let max = device.max_queue_size();
         let queues = (0..device.num_queues())
             .map(|_| QueueSlot::new(max))
@@ -179,6 +180,7 @@ impl<D: Device> Session<D> {
             queues,
             backend_req: None,
             inflight: None,
+            opts,
         }
     }
 
@@ -681,6 +683,7 @@ impl<D: Device> Session<D> {
             err: Arc::clone(&slot.err),
             mem: self.mem.clone(),
             tracking,
+            poll: self.opts.poll,
         };
         match Worker::spawn(spec) {
             Ok(w) => {

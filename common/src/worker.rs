@@ -6,6 +6,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -49,6 +50,8 @@ pub(crate) struct WorkerSpec<H> {
     pub err: Arc<Signal>,
     pub mem: GuestMemoryAtomic<GuestMemory>,
     pub tracking: Tracking,
+    /// Busy-poll this long after the last work before sleeping (zero: never poll).
+    pub poll: Duration,
 }
 
 /// A running worker.
@@ -105,6 +108,9 @@ fn run<H: QueueHandler>(
     pass(&mut spec, &mut broken);
     let mut events = [EpollEvent::default(); 8];
     'outer: loop {
+        if !spec.poll.is_zero() && !broken && poll(&mut spec, &epoll, &mut events, &mut broken) {
+            break 'outer;
+        }
         let n = match epoll.wait(-1, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -129,6 +135,83 @@ fn run<H: QueueHandler>(
     let _ = stop.read();
     finish(&mut spec);
     (spec.ring, spec.kick)
+}
+
+/// Busy-polls for up to `spec.poll` after the last work, with guest kicks suppressed, so that a
+/// guest adding work soon finds the worker awake (no kick, no wake-up). Returns true if a stop
+/// was requested meanwhile. Ends with kicks re-enabled and the ring checked once more.
+fn poll<H: QueueHandler>(
+    spec: &mut WorkerSpec<H>,
+    epoll: &Epoll,
+    events: &mut [EpollEvent],
+    broken: &mut bool,
+) -> bool {
+    let mut deadline = Instant::now() + spec.poll;
+    let mut spins: u32 = 0;
+    loop {
+        let mem = spec.mem.memory().into_inner();
+        let work = spec
+            .ring
+            .suppress_notifications(&mem)
+            .and_then(|()| spec.ring.pending(&mem));
+        match work {
+            Ok(0) => {}
+            Ok(_) => {
+                if let Err(e) = process_once(spec, &mem) {
+                    guest_warn!(
+                        queue = spec.index,
+                        "ring unusable until the frontend resets it: {e}"
+                    );
+                    spec.err.signal();
+                    *broken = true;
+                    return false;
+                }
+                deadline = Instant::now() + spec.poll;
+            }
+            Err(_) => break,
+        }
+        spins = spins.wrapping_add(1);
+        // Now and then, look at the stop eventfd and the handler's own sources.
+        if spins.is_multiple_of(64) {
+            let n = epoll.wait(0, events).unwrap_or(0);
+            for ev in events.iter().take(n) {
+                match Wake::from_token(ev.data()) {
+                    Wake::Stop => return true,
+                    Wake::Kick => {
+                        let _ = spec.kick.read();
+                    }
+                    Wake::Source => deadline = Instant::now() + spec.poll,
+                }
+            }
+            if n > 0 {
+                if let Err(e) = process_once(spec, &mem) {
+                    guest_warn!(
+                        queue = spec.index,
+                        "ring unusable until the frontend resets it: {e}"
+                    );
+                    spec.err.signal();
+                    *broken = true;
+                    return false;
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        std::hint::spin_loop();
+    }
+    pass(spec, broken);
+    false
+}
+
+/// One handler pass without touching the guest's kick suppression.
+fn process_once<H: QueueHandler>(
+    spec: &mut WorkerSpec<H>,
+    mem: &Arc<GuestMemory>,
+) -> Result<(), RingError> {
+    let mut ctx = QueueCtx::new(mem, &mut spec.ring, &mut spec.tracking);
+    spec.handler.process(&mut ctx)?;
+    ctx.flush(&spec.call)
 }
 
 /// Runs the handler until the ring is empty (or the handler saturated), with guest kicks

@@ -280,6 +280,19 @@ impl SplitRing {
         Ok(self.avail_idx(mem)? != seen)
     }
 
+    /// Tells the guest not to kick at all, even with EVENT_IDX (while busy-polling): the kick
+    /// index is set just behind what we took, which the guest's index has already passed.
+    pub fn suppress_notifications(&mut self, mem: &GuestMemory) -> Result<(), RingError> {
+        if self.event_idx {
+            let at = elem(self.addrs.used, USED_ELEM, u64::from(self.size));
+            let behind = self.next_avail - Wrapping(1);
+            mem.store(behind.0.to_le(), at, Ordering::Relaxed)
+                .map_err(|_| RingError::Memory)
+        } else {
+            self.disable_notifications(mem)
+        }
+    }
+
     /// Tells the guest kicks are not needed while we are processing anyway.
     pub fn disable_notifications(&mut self, mem: &GuestMemory) -> Result<(), RingError> {
         if !self.event_idx {

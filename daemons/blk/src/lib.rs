@@ -82,6 +82,11 @@ pub fn run(config: Config) -> Result<(), RunError> {
             serial: config.serial,
         },
     );
-    serve::serve(Arc::new(device), endpoint, &signals)?;
+    serve::serve(
+        Arc::new(device),
+        endpoint,
+        &signals,
+        config.serve.engine_options(),
+    )?;
     Ok(())
 }

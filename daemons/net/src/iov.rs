@@ -11,6 +11,17 @@ pub const MAX_IOVECS: usize = 1024;
 /// frame would need too many iovecs.
 pub fn append(mem: &GuestMemory, descs: &[Desc], out: &mut Vec<libc::iovec>) -> bool {
     for d in descs {
+        // Fast path: the buffer lies in one region (nearly always).
+        if let Ok(slice) = mem.get_slice(d.addr, d.len as usize) {
+            if out.len() >= MAX_IOVECS {
+                return false;
+            }
+            out.push(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: slice.len(),
+            });
+            continue;
+        }
         for slice in mem.get_slices(d.addr, d.len as usize) {
             let Ok(slice) = slice else { return false };
             if out.len() >= MAX_IOVECS {

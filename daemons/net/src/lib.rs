@@ -96,6 +96,11 @@ pub fn run(config: Config) -> Result<(), RunError> {
             mtu: config.mtu,
         },
     );
-    serve::serve(Arc::new(device), endpoint, &signals)?;
+    serve::serve(
+        Arc::new(device),
+        endpoint,
+        &signals,
+        config.serve.engine_options(),
+    )?;
     Ok(())
 }

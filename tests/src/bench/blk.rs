@@ -52,6 +52,8 @@ pub struct BlkPoint {
     pub block: u32,
     pub same_cpu: bool,
     pub event_idx: bool,
+    /// Busy-polling of the device's queue, microseconds (0: none).
+    pub poll_us: u64,
     pub ops_per_sec: f64,
     pub mib_per_sec: f64,
     pub p50_us: f64,
@@ -71,6 +73,7 @@ pub struct BlkCase {
     pub block: u32,
     pub same_cpu: bool,
     pub event_idx: bool,
+    pub poll_us: u64,
 }
 
 const CAPACITY: u64 = 1 << 30;
@@ -255,6 +258,7 @@ fn point(case: BlkCase, s: &Sample, cpu_front: Duration, cpu_dev: Duration) -> B
         block: case.block,
         same_cpu: case.same_cpu,
         event_idx: case.event_idx,
+        poll_us: case.poll_us,
         ops_per_sec: s.ops as f64 / secs,
         mib_per_sec: s.ops as f64 * f64::from(case.block) / secs / (1 << 20) as f64,
         p50_us: super::stats::percentile_us(&s.lat, 50.0),
@@ -325,6 +329,7 @@ fn run_threaded(case: BlkCase, image: &std::path::Path, duration: Duration) -> R
         ring,
         q.kick.try_clone()?,
         q.call.try_clone()?,
+        Duration::from_micros(case.poll_us),
     )?;
     pin_threads(std::process::id(), "queue-", device_cpu(case.same_cpu))?;
     let mut d = BlkDriver::new(rings, case.depth, case.block)?;
@@ -349,6 +354,8 @@ fn run_remote(case: BlkCase, image: &std::path::Path, duration: Duration) -> Res
                 "sync".to_owned(),
                 "--queues".to_owned(),
                 "1".to_owned(),
+                "--poll-us".to_owned(),
+                case.poll_us.to_string(),
             ];
             match case.backend {
                 Backend::Null => args.extend(["--null".to_owned(), CAPACITY.to_string()]),

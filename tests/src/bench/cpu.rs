@@ -27,8 +27,20 @@ pub fn pin(tid: i32, cpu: usize) -> Result<()> {
     Ok(())
 }
 
-/// Pins every thread of process `pid` whose name starts with `prefix` to `cpu`.
+/// Pins every thread of process `pid` whose name starts with `prefix` to `cpu`, waiting (up to
+/// a second) for at least one: a new thread names itself only once it runs.
 pub fn pin_threads(pid: u32, prefix: &str, cpu: usize) -> Result<usize> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    loop {
+        let n = pin_threads_once(pid, prefix, cpu)?;
+        if n > 0 || std::time::Instant::now() > deadline {
+            return Ok(n);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn pin_threads_once(pid: u32, prefix: &str, cpu: usize) -> Result<usize> {
     let mut n = 0;
     for entry in std::fs::read_dir(format!("/proc/{pid}/task"))? {
         let entry = entry?;

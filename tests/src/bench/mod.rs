@@ -123,11 +123,15 @@ fn median_net(runs: &[NetPoint]) -> NetPoint {
     }
 }
 
+/// Busy-polling window of the polling points.
+const POLL_US: u64 = 50;
+
 /// The block cases of the suite.
 fn blk_cases(quick: bool) -> Vec<BlkCase> {
     use BlkPlacement::*;
     let mut v = Vec::new();
     let case = |placement, backend, depth, block, same_cpu, event_idx| BlkCase {
+        poll_us: 0,
         placement,
         backend,
         depth,
@@ -160,6 +164,15 @@ fn blk_cases(quick: bool) -> Vec<BlkCase> {
         }
         for qd in [1, 32] {
             v.push(case(OutOfProcess, Backend::Null, qd, 4096, true, false));
+        }
+    }
+    // Busy polling where it can pay: device and frontend on different CPUs.
+    for qd in [1, 32] {
+        for p in [InProcessThreaded, OutOfProcess] {
+            v.push(BlkCase {
+                poll_us: POLL_US,
+                ..case(p, Backend::Null, qd, 4096, false, true)
+            });
         }
     }
     for qd in [1, 32] {
@@ -215,7 +228,7 @@ pub fn run_suite(opts: Options, out: &Path) -> Result<Report> {
             NetPlacement::InProcessThreaded,
             NetPlacement::OutOfProcess,
         ] {
-            let point = repeat(opts.reps, || net::run_tx(p, size, true, d), median_net)?;
+            let point = repeat(opts.reps, || net::run_tx(p, size, true, 0, d), median_net)?;
             eprintln!(
                 "net tx {:?} {size}B: {:.0} frames/s {:.2} Gbit/s",
                 point.placement, point.frames_per_sec, point.gbit_per_sec
@@ -223,13 +236,15 @@ pub fn run_suite(opts: Options, out: &Path) -> Result<Report> {
             net_tx.push(point);
         }
     }
-    if !opts.quick {
+    // The device on the other CPU, sleeping or busy-polling.
+    for poll in [0, POLL_US] {
         for p in [NetPlacement::InProcessThreaded, NetPlacement::OutOfProcess] {
-            net_tx.push(repeat(
-                opts.reps,
-                || net::run_tx(p, 64, false, d),
-                median_net,
-            )?);
+            let point = repeat(opts.reps, || net::run_tx(p, 64, false, poll, d), median_net)?;
+            eprintln!(
+                "net tx {:?} 64B two CPUs poll={poll}: {:.0} frames/s",
+                point.placement, point.frames_per_sec
+            );
+            net_tx.push(point);
         }
     }
     let mut net_rx = Vec::new();

@@ -42,6 +42,7 @@ pub struct NetPoint {
     pub direction: Direction,
     pub frame: usize,
     pub same_cpu: bool,
+    pub poll_us: u64,
     pub frames_per_sec: f64,
     pub gbit_per_sec: f64,
     pub cpu_us_per_frame_frontend: f64,
@@ -102,6 +103,7 @@ fn point(
         direction,
         frame: size,
         same_cpu,
+        poll_us: 0,
         frames_per_sec: m.frames as f64 / secs,
         gbit_per_sec: m.frames as f64 * size as f64 * 8.0 / secs / 1e9,
         cpu_us_per_frame_frontend: m.cpu_frontend.as_secs_f64() * 1e6 / n,
@@ -169,10 +171,24 @@ fn local_ring(rings: &LocalRings, q: usize) -> LocalRing {
     }
 }
 
+/// Transmit through `placement`, the device busy-polling `poll_us` (daemon and threaded).
 pub fn run_tx(
     placement: NetPlacement,
     size: usize,
     same_cpu: bool,
+    poll_us: u64,
+    duration: Duration,
+) -> Result<NetPoint> {
+    let mut p = run_tx_inner(placement, size, same_cpu, poll_us, duration)?;
+    p.poll_us = poll_us;
+    Ok(p)
+}
+
+fn run_tx_inner(
+    placement: NetPlacement,
+    size: usize,
+    same_cpu: bool,
+    poll_us: u64,
     duration: Duration,
 ) -> Result<NetPoint> {
     pin(gettid(), 0)?;
@@ -238,6 +254,7 @@ pub fn run_tx(
                 ring,
                 dq.kick.try_clone()?,
                 dq.call.try_clone()?,
+                Duration::from_micros(poll_us),
             )?;
             pin_threads(std::process::id(), "queue-", device_cpu(same_cpu))?;
             let mut d = NetDriver::new(rings, 2048, 16, BATCH as u32)?;
@@ -261,7 +278,7 @@ pub fn run_tx(
         }
         NetPlacement::OutOfProcess => {
             drop(ns);
-            let fx = NetFixture::start(&[])?;
+            let fx = NetFixture::start(&["--poll-us", &poll_us.to_string()])?;
             let mut d = fx.driver(setup(), 2048, 16, BATCH as u32)?;
             pin_process(fx.daemon.pid(), device_cpu(same_cpu))?;
             tx_loop(&mut d, size, Duration::from_millis(100))?;

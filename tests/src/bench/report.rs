@@ -47,6 +47,7 @@ fn blk(
             && x.block == block
             && x.same_cpu == same
             && x.event_idx == event_idx
+            && x.poll_us == 0
     })
 }
 
@@ -54,6 +55,7 @@ fn tx(r: &Report, p: NetPlacement, size: usize, same: bool) -> Option<&NetPoint>
     r.net_tx.iter().find(|x| {
         x.placement == p
             && x.frame == size
+            && x.poll_us == 0
             && (x.same_cpu == same || p == NetPlacement::RawTapWrite)
     })
 }
@@ -172,7 +174,11 @@ pub fn markdown(r: &Report) -> String {
             .blk
             .iter()
             .filter(|p| {
-                p.backend == Backend::Null && p.block == 4096 && p.same_cpu == same && p.event_idx
+                p.backend == Backend::Null
+                    && p.block == 4096
+                    && p.same_cpu == same
+                    && p.event_idx
+                    && p.poll_us == 0
             })
             .collect();
         if rows.is_empty() {
@@ -213,10 +219,12 @@ pub fn markdown(r: &Report) -> String {
     let other: Vec<&BlkPoint> = r
         .blk
         .iter()
-        .filter(|p| p.backend == Backend::Tmpfs || p.block != 4096 || !p.event_idx)
+        .filter(|p| {
+            p.backend == Backend::Tmpfs || p.block != 4096 || !p.event_idx || p.poll_us != 0
+        })
         .collect();
     if !other.is_empty() {
-        let _ = writeln!(s, "\n## Block, other points (one CPU)\n\n| placement | backend | block | QD | EVENT_IDX | ops/s | MiB/s | p50 µs | p99 µs | CPU µs/op |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+        let _ = writeln!(s, "\n## Block, other points\n\n| placement | backend | block | QD | CPUs | EVENT_IDX | busy-poll µs | ops/s | MiB/s | p50 µs | p99 µs | CPU µs/op |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
         for p in other {
             let name = PLACEMENTS
                 .iter()
@@ -224,11 +232,13 @@ pub fn markdown(r: &Report) -> String {
                 .map_or("?", |(_, n)| n);
             let _ = writeln!(
                 s,
-                "| {name} | {:?} | {} | {} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.2} |",
+                "| {name} | {:?} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.2} |",
                 p.backend,
                 p.block,
                 p.depth,
+                if p.same_cpu { "one" } else { "two" },
                 p.event_idx,
+                p.poll_us,
                 p.ops_per_sec,
                 p.mib_per_sec,
                 p.p50_us,
@@ -237,7 +247,7 @@ pub fn markdown(r: &Report) -> String {
             );
         }
     }
-    let _ = writeln!(s, "\n## Net transmit, one queue pair\n\n| placement | frame | CPUs | frames/s | Gbit/s | CPU µs/frame (frontend + device) | vs raw TAP write |\n| --- | --- | --- | --- | --- | --- | --- |");
+    let _ = writeln!(s, "\n## Net transmit, one queue pair\n\n| placement | frame | CPUs | busy-poll µs | frames/s | Gbit/s | CPU µs/frame (frontend + device) | vs raw TAP write |\n| --- | --- | --- | --- | --- | --- | --- | --- |");
     for p in &r.net_tx {
         let name = NET_PLACEMENTS
             .iter()
@@ -248,9 +258,10 @@ pub fn markdown(r: &Report) -> String {
         });
         let _ = writeln!(
             s,
-            "| {name} | {} | {} | {:.0} | {:.2} | {:.2} + {:.2} | {raw} |",
+            "| {name} | {} | {} | {} | {:.0} | {:.2} | {:.2} + {:.2} | {raw} |",
             p.frame,
             if p.same_cpu { "one" } else { "two" },
+            p.poll_us,
             p.frames_per_sec,
             p.gbit_per_sec,
             p.cpu_us_per_frame_frontend,

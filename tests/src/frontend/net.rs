@@ -288,8 +288,10 @@ impl<R: Rings> NetDriver<R> {
 
     /// Waits for one transmit completion on `pair`.
     pub fn wait_tx(&mut self, pair: u16) -> Result<()> {
+        // Like Linux's TX path: an interrupt when 3/4 of what is in flight has been sent.
+        let later = u16::try_from(self.tx_in_flight(pair) * 3 / 4).unwrap_or(0);
         let (mem, dq) = self.fe.mem_and_queue(pair * 2 + 1);
-        let u = dq.wait(mem, Duration::from_secs(10))?;
+        let u = dq.wait_after(mem, Duration::from_secs(10), later)?;
         let tag = self.tx_heads[usize::from(pair)]
             .remove(&u.head)
             .context("unknown transmit head")?;

@@ -326,12 +326,28 @@ impl DriverQueue {
 
     /// Waits for the next completion: polls, then sleeps on the call eventfd.
     pub fn wait(&mut self, mem: &GuestMemoryMmap<()>, timeout: Duration) -> Result<Used> {
+        self.wait_after(mem, timeout, 0)
+    }
+
+    /// Like [`wait`](Self::wait), but with EVENT_IDX asks for the interrupt only after `later`
+    /// more completions (Linux's `virtqueue_enable_cb_delayed` for transmit queues), so that a
+    /// busy device interrupts once per batch rather than per chain.
+    pub fn wait_after(
+        &mut self,
+        mem: &GuestMemoryMmap<()>,
+        timeout: Duration,
+        later: u16,
+    ) -> Result<Used> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(u) = self.poll(mem)? {
                 return Ok(u);
             }
-            self.arm_interrupt(mem)?;
+            if self.event_idx && later > 0 {
+                self.set_used_event(mem, self.last_used.wrapping_add(later))?;
+            } else {
+                self.arm_interrupt(mem)?;
+            }
             if let Some(u) = self.poll(mem)? {
                 return Ok(u);
             }

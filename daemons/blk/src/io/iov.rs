@@ -27,6 +27,17 @@ pub fn build(
 ) -> Result<(), IovError> {
     out.clear();
     for s in segments {
+        // Fast path: the buffer lies in one region (nearly always).
+        if let Ok(slice) = mem.get_slice(s.addr, s.len as usize) {
+            if out.len() >= MAX_IOVECS {
+                return Err(IovError::TooMany);
+            }
+            out.push(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: slice.len(),
+            });
+            continue;
+        }
         let slices = mem.get_slices(s.addr, s.len as usize);
         for slice in slices {
             let slice = slice.map_err(|_| IovError::Unmapped(s.addr.0))?;
