@@ -33,6 +33,19 @@ pub struct ServeArgs {
     #[arg(long, value_name = "MICROSECONDS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub poll_us: u64,
 
+    /// After set-up, switch to this user (and its group): open the image, TAP and socket as
+    /// root, serve as nobody.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+
+    /// After set-up, switch to this group.
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
+
+    /// Do not confine the daemon to its system-call allow-list (seccomp). For debugging only.
+    #[arg(long)]
+    pub no_seccomp: bool,
+
     /// Log filter (error, warn, info, debug, trace, or a tracing directive); overrides RUST_LOG.
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
@@ -47,6 +60,15 @@ pub enum EndpointError {
 }
 
 impl ServeArgs {
+    /// Containment to enter once set-up is over.
+    pub fn sandbox_options(&self) -> crate::sandbox::SandboxOptions {
+        crate::sandbox::SandboxOptions {
+            user: self.user.clone(),
+            group: self.group.clone(),
+            seccomp: !self.no_seccomp,
+        }
+    }
+
     /// Options for the queue workers.
     pub fn engine_options(&self) -> EngineOptions {
         EngineOptions {

@@ -24,6 +24,7 @@ pub mod memory;
 pub mod notify;
 pub mod protocol;
 pub mod ratelimit;
+pub mod sandbox;
 pub mod serve;
 pub mod session;
 pub mod signals;

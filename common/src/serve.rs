@@ -58,21 +58,57 @@ const BACKOFF_MAX_MS: u64 = 1000;
 /// First descriptor systemd passes (sd_listen_fds(3)).
 const SD_LISTEN_FDS_START: RawFd = 3;
 
+/// An endpoint made ready before the daemon confines itself: the listening socket is bound
+/// (which needs the file system and `bind`, both gone once the sandbox is on).
+#[derive(Debug)]
+pub enum Bound {
+    Listener {
+        listener: UnixListener,
+        /// The socket file we created, removed when the daemon exits.
+        path: Option<PathBuf>,
+    },
+    Connect(PathBuf),
+    Connected(UnixStream),
+}
+
+impl Endpoint {
+    /// Binds a listening socket, or checks an inherited descriptor.
+    pub fn bind(self) -> Result<Bound, ServeError> {
+        match self {
+            Endpoint::Listen(path) => Ok(Bound::Listener {
+                listener: listen(&path)?,
+                path: Some(path),
+            }),
+            Endpoint::Connect(path) => Ok(Bound::Connect(path)),
+            Endpoint::Inherited(fd) => {
+                let raw = fd.as_raw_fd();
+                if is_listening(&fd).map_err(|source| ServeError::NotASocket { fd: raw, source })? {
+                    Ok(Bound::Listener {
+                        listener: UnixListener::from(fd),
+                        path: None,
+                    })
+                } else {
+                    Ok(Bound::Connected(UnixStream::from(fd)))
+                }
+            }
+        }
+    }
+}
+
 /// Serves frontends until SIGTERM/SIGINT. Returns `Ok` on a clean shutdown, or when an inherited
 /// connected socket's single session ended.
 pub fn serve<D: Device>(
     device: Arc<D>,
-    endpoint: Endpoint,
+    endpoint: Bound,
     signals: &Signals,
     opts: EngineOptions,
 ) -> Result<(), ServeError> {
     match endpoint {
-        Endpoint::Listen(path) => {
-            let listener = listen(&path)?;
-            let _cleanup = RemoveOnDrop(path);
+        Bound::Listener { listener, path } => {
+            let _cleanup = path.map(RemoveOnDrop);
             accept_loop(&device, &listener, signals, opts)
         }
-        Endpoint::Connect(path) => {
+        Bound::Connect(path) => {
             sd_notify("READY=1");
             while let Some(stream) = connect_with_backoff(&path, signals) {
                 tracing::info!(path = %path.display(), "connected to frontend");
@@ -82,17 +118,10 @@ pub fn serve<D: Device>(
             }
             Ok(())
         }
-        Endpoint::Inherited(fd) => {
-            let raw = fd.as_raw_fd();
-            if is_listening(&fd).map_err(|source| ServeError::NotASocket { fd: raw, source })? {
-                let listener = UnixListener::from(fd);
-                accept_loop(&device, &listener, signals, opts)
-            } else {
-                sd_notify("READY=1");
-                let stream = UnixStream::from(fd);
-                run_session(&device, stream, signals, opts);
-                Ok(())
-            }
+        Bound::Connected(stream) => {
+            sd_notify("READY=1");
+            run_session(&device, stream, signals, opts);
+            Ok(())
         }
     }
 }

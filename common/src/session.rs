@@ -77,6 +77,8 @@ pub enum RequestError {
     Memory(#[from] MemoryError),
     #[error("device refused")]
     Device(#[from] DeviceError),
+    #[error("ring address {0:#x} is outside guest memory")]
+    RingOutsideMemory(u64),
     #[error("inflight region refused")]
     Inflight(#[from] InflightError),
     #[error("cannot set up the eventfd")]
@@ -229,6 +231,11 @@ impl<D: Device> Session<D> {
         let result = match req {
             None => Err(RequestError::UnknownRequest(header.request)),
             Some(_) if msg.fds_truncated => Err(RequestError::TooManyFds),
+            Some(r) if !allowed_fds(r).contains(&msg.fds.len()) => Err(RequestError::BadFds {
+                req: r,
+                want: *allowed_fds(r).end(),
+                got: msg.fds.len(),
+            }),
             Some(r) => self.handle(r, &msg.payload, msg.fds),
         };
         let has_own_reply = req.is_some_and(has_reply);
@@ -377,6 +384,13 @@ impl<D: Device> Session<D> {
                 expect_fds(0, &fds)?;
                 let a: VhostUserVringAddr = decode_exact(payload).ok_or_else(bad)?;
                 let i = self.stopped_queue(u64::from(a.index))?;
+                // Memory comes first (QEMU's order): rings outside it are refused outright.
+                let outside = [a.descriptor, a.available, a.used]
+                    .into_iter()
+                    .find(|va| self.memory.vmm_to_guest(*va).is_none());
+                if let (false, Some(va)) = (self.memory.is_empty(), outside) {
+                    return Err(RequestError::RingOutsideMemory(va));
+                }
                 self.slot(i)?.vmm_addrs = Some(VmmRingAddrs {
                     desc: a.descriptor,
                     avail: a.available,
@@ -760,6 +774,18 @@ fn recover(
         resubmit: r.resubmit.into(),
         batch: Vec::new(),
     })
+}
+
+/// How many descriptors a request may carry; any others are refused (and closed).
+fn allowed_fds(req: FrontendReq) -> std::ops::RangeInclusive<usize> {
+    use FrontendReq as R;
+    match req {
+        R::SET_MEM_TABLE => 0..=MAX_FDS,
+        R::ADD_MEM_REG | R::SET_BACKEND_REQ_FD | R::SET_INFLIGHT_FD => 1..=1,
+        // QEMU 7.2 sends none with REM_MEM_REG, later versions may send the region's.
+        R::REM_MEM_REG | R::SET_VRING_KICK | R::SET_VRING_CALL | R::SET_VRING_ERR => 0..=1,
+        _ => 0..=0,
+    }
 }
 
 fn has_reply(req: FrontendReq) -> bool {

@@ -71,7 +71,7 @@ pub fn tx(d: &mut NetDriver, size: usize, batch: usize, duration: Duration) -> R
     let mut frames = 0u64;
     while start.elapsed() < duration {
         let old = d.fe.queue(1).avail_idx();
-        while d.tx_in_flight(0) < batch && d.submit_tx(0, &hdr, &f, 1)?.is_some() {}
+        while d.tx_in_flight(0) < batch && d.submit_tx(0, &hdr, &f, 0)?.is_some() {}
         d.kick_tx(0, old)?;
         let mut done = d.reap_tx(0)?;
         if done == 0 {

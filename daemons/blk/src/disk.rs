@@ -66,8 +66,8 @@ pub struct Disk {
 const BLKSSZGET: libc::c_ulong = 0x1268;
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 const BLKPBSZGET: libc::c_ulong = 0x127b;
-const BLKDISCARD: libc::c_ulong = 0x1277;
-const BLKZEROOUT: libc::c_ulong = 0x127f;
+pub const BLKDISCARD: libc::c_ulong = 0x1277;
+pub const BLKZEROOUT: libc::c_ulong = 0x127f;
 
 impl Disk {
     pub fn open(opts: &DiskOptions) -> Result<Self, DiskError> {

@@ -24,11 +24,24 @@ pub mod request;
 use std::sync::Arc;
 
 use bulkhead_common::capabilities::Capabilities;
+use bulkhead_common::sandbox;
 use bulkhead_common::serve::{self, ServeError};
 use bulkhead_common::signals::Signals;
 
 pub use config::{Args, Config};
 pub use device::{BlkDevice, BlkOptions};
+
+/// System calls the block data path adds to the engine's: io_uring, hole punching, flushes,
+/// and the discard / zero-out ioctls of block devices.
+const SYSCALLS: &[sandbox::Allow] = &[
+    sandbox::Allow::any(libc::SYS_io_uring_setup),
+    sandbox::Allow::any(libc::SYS_io_uring_enter),
+    sandbox::Allow::any(libc::SYS_io_uring_register),
+    sandbox::Allow::any(libc::SYS_fallocate),
+    sandbox::Allow::any(libc::SYS_fdatasync),
+    sandbox::Allow::any(libc::SYS_fsync),
+    sandbox::Allow::with_arg1(libc::SYS_ioctl, &[disk::BLKDISCARD, disk::BLKZEROOUT]),
+];
 
 /// `--print-capabilities` output.
 pub fn capabilities() -> String {
@@ -47,6 +60,8 @@ pub enum RunError {
     Signals(#[source] std::io::Error),
     #[error("no endpoint to serve on")]
     Endpoint(#[from] bulkhead_common::cli::EndpointError),
+    #[error("cannot enter the sandbox")]
+    Sandbox(#[from] sandbox::SandboxError),
     #[error(transparent)]
     Serve(#[from] ServeError),
 }
@@ -72,7 +87,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
         queues = config.queues,
         "disk opened"
     );
-    let endpoint = config.serve.endpoint()?;
+    let endpoint = config.serve.endpoint()?.bind()?;
     let device = BlkDevice::new(
         disk,
         BlkOptions {
@@ -82,6 +97,8 @@ pub fn run(config: Config) -> Result<(), RunError> {
             serial: config.serial,
         },
     );
+    // Everything privileged is open: confine the daemon before any queue thread exists.
+    sandbox::enter(&config.serve.sandbox_options(), SYSCALLS)?;
     serve::serve(
         Arc::new(device),
         endpoint,

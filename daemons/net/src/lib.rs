@@ -25,12 +25,20 @@ pub mod vnet;
 use std::sync::Arc;
 
 use bulkhead_common::capabilities::Capabilities;
+use bulkhead_common::sandbox;
 use bulkhead_common::serve::{self, ServeError};
 use bulkhead_common::signals::Signals;
 
 pub use config::{Args, Config, TapSource};
 pub use device::{NetDevice, NetOptions};
 use tap::{TapError, TapQueue};
+
+/// System calls the network data path adds to the engine's: the TAP ioctls the guest's
+/// feature negotiation needs (header size, offloads).
+const SYSCALLS: &[sandbox::Allow] = &[sandbox::Allow::with_arg1(
+    libc::SYS_ioctl,
+    &[libc::TUNSETVNETHDRSZ, libc::TUNSETOFFLOAD, libc::TUNGETIFF],
+)];
 
 /// `--print-capabilities` output (QEMU's schema defines no net features).
 pub fn capabilities() -> String {
@@ -49,6 +57,8 @@ pub enum RunError {
     Signals(#[source] std::io::Error),
     #[error("no endpoint to serve on")]
     Endpoint(#[from] bulkhead_common::cli::EndpointError),
+    #[error("cannot enter the sandbox")]
+    Sandbox(#[from] sandbox::SandboxError),
     #[error(transparent)]
     Serve(#[from] ServeError),
 }
@@ -87,7 +97,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
         }
     }
     tracing::info!(tap = %name, queue_pairs = config.queue_pairs, "TAP ready");
-    let endpoint = config.serve.endpoint()?;
+    let endpoint = config.serve.endpoint()?.bind()?;
     let device = NetDevice::new(
         taps,
         NetOptions {
@@ -96,6 +106,8 @@ pub fn run(config: Config) -> Result<(), RunError> {
             mtu: config.mtu,
         },
     );
+    // The TAP is open: confine the daemon before any queue thread exists.
+    sandbox::enter(&config.serve.sandbox_options(), SYSCALLS)?;
     serve::serve(
         Arc::new(device),
         endpoint,

@@ -122,7 +122,7 @@ fn tx_loop<R: Rings>(
     let mut frames = 0u64;
     while start.elapsed() < duration {
         let old = d.fe.queue(1).avail_idx();
-        while d.tx_in_flight(0) < BATCH && d.submit_tx(0, &hdr, &f, 1)?.is_some() {}
+        while d.tx_in_flight(0) < BATCH && d.submit_tx(0, &hdr, &f, 0)?.is_some() {}
         d.kick_tx(0, old)?;
         let mut done = d.reap_tx(0)?;
         if done == 0 {
@@ -224,7 +224,7 @@ fn run_tx_inner(
             let start = Instant::now();
             let mut frames = 0u64;
             while start.elapsed() < duration {
-                while d.submit_tx(0, &hdr, &f, 1)?.is_some() {}
+                while d.submit_tx(0, &hdr, &f, 0)?.is_some() {}
                 let (mem, dq) = d.fe.mem_and_queue(1);
                 dq.publish(mem)?;
                 q.run()?;

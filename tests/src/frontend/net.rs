@@ -217,7 +217,8 @@ impl<R: Rings> NetDriver<R> {
         Ok(Some(RxFrame { hdr, data, buffers }))
     }
 
-    /// Queues one frame for transmission, split into `pieces` buffers (the header alone first).
+    /// Queues one frame for transmission, split into `pieces` buffers after a buffer holding
+    /// the header alone; `pieces == 0` puts header and frame in one buffer.
     pub fn submit_tx(
         &mut self,
         pair: u16,
@@ -234,9 +235,19 @@ impl<R: Rings> NetDriver<R> {
         let mem = self.fe.ram().mem();
         mem.write_slice(&hdr.to_bytes(), addr)?;
         mem.write_slice(frame, GuestAddress(addr.0 + HDR_LEN as u64))?;
-        let mut bufs = vec![Buf::readable(addr, HDR_LEN as u32)];
-        let pieces = pieces.clamp(1, frame.len().max(1));
-        let chunk = frame.len() / pieces;
+        // pieces == 0: header and frame in one buffer, as Linux lays out a transmit skb when the
+        // header fits in front of it (any layout).
+        let mut bufs = if pieces == 0 {
+            vec![Buf::readable(addr, u32::try_from(HDR_LEN + frame.len())?)]
+        } else {
+            vec![Buf::readable(addr, HDR_LEN as u32)]
+        };
+        let pieces = if pieces == 0 {
+            0
+        } else {
+            pieces.clamp(1, frame.len().max(1))
+        };
+        let chunk = frame.len() / pieces.max(1);
         for i in 0..pieces {
             let start = i * chunk;
             let len = if i + 1 == pieces {
