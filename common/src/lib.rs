@@ -25,6 +25,7 @@ pub mod notify;
 pub mod protocol;
 pub mod ratelimit;
 pub mod sandbox;
+pub mod sd_notify;
 pub mod serve;
 pub mod session;
 pub mod signals;

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::device::Device;
+pub use crate::sd_notify::sd_notify;
 use crate::session::{Session, SessionEnd};
 use crate::signals::{Signals, Wait};
 
@@ -272,28 +273,6 @@ fn is_listening(fd: &OwnedFd) -> io::Result<bool> {
 fn set_cloexec(fd: RawFd) {
     // SAFETY: sets FD_CLOEXEC on a descriptor this process owns.
     unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-}
-
-/// Tells systemd (`Type=notify`) about our state; a no-op without `NOTIFY_SOCKET`.
-pub fn sd_notify(state: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let sock = match std::os::unix::net::UnixDatagram::unbound() {
-        Ok(s) => s,
-        Err(_) => return,
-    };
-    let bytes = path.as_encoded_bytes();
-    let result = if let Some(abstract_name) = bytes.strip_prefix(b"@") {
-        use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)
-            .and_then(|addr| sock.send_to_addr(state.as_bytes(), &addr))
-    } else {
-        sock.send_to(state.as_bytes(), Path::new(&path))
-    };
-    if let Err(e) = result {
-        tracing::warn!("sd_notify failed: {e}");
-    }
 }
 
 /// Removes the socket file we created when the daemon exits.

@@ -678,7 +678,7 @@ impl<D: Device> Session<D> {
         let handler = match self.device.queue_handler(i, features) {
             Ok(h) => h,
             Err(e) => {
-                tracing::error!(
+                guest_warn!(
                     queue = i,
                     "cannot start queue: {}",
                     crate::logging::chain(&e)
@@ -709,7 +709,7 @@ impl<D: Device> Session<D> {
                 );
                 slot.worker = Some(w);
             }
-            Err(e) => tracing::error!(queue = i, "cannot spawn worker: {e}"),
+            Err(e) => guest_warn!(queue = i, "cannot spawn worker: {e}"),
         }
     }
 
@@ -728,7 +728,7 @@ impl<D: Device> Session<D> {
                 slot.kick = Some(kick);
                 tracing::debug!(queue = i, base = slot.base, "queue stopped");
             }
-            None => tracing::error!(queue = i, "queue worker panicked"),
+            None => guest_warn!(queue = i, "queue worker panicked"),
         }
     }
 

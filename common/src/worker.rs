@@ -115,7 +115,7 @@ fn run<H: QueueHandler>(
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
-                tracing::error!(queue = spec.index, "epoll failed, queue stops: {e}");
+                guest_warn!(queue = spec.index, "epoll failed, queue stops: {e}");
                 break;
             }
         };

@@ -35,7 +35,11 @@ pub fn enter(opts: &SandboxOptions, extra: &[Allow]) -> Result<(), SandboxError>
     if opts.seccomp {
         install(extra)?;
     } else {
-        tracing::warn!("seccomp filter disabled (--no-seccomp)");
+        // Not guest-triggerable: once, at start-up
+        tracing::event!(
+            tracing::Level::WARN,
+            "seccomp filter disabled (--no-seccomp)"
+        );
     }
     Ok(())
 }

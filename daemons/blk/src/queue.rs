@@ -92,7 +92,7 @@ impl BlkQueue {
     fn submit(&mut self) {
         if let Some(uring) = self.uring.as_mut() {
             if let Err(e) = uring.submit() {
-                tracing::error!("io_uring submit failed (will retry): {e}");
+                guest_warn!("io_uring submit failed (will retry): {e}");
             }
         }
     }
@@ -179,7 +179,7 @@ impl QueueHandler for BlkQueue {
         while self.uring.as_ref().is_some_and(|u| u.in_flight() > 0) {
             if let Some(u) = self.uring.as_mut() {
                 if let Err(e) = u.wait() {
-                    tracing::error!("io_uring wait failed while draining: {e}");
+                    guest_warn!("io_uring wait failed while draining: {e}");
                     break;
                 }
             }

@@ -83,13 +83,17 @@ pub fn run(config: Config) -> Result<(), RunError> {
         if let Some(t) = taps.first() {
             // A crash must not take the interface (and its configuration) with it.
             if let Err(e) = t.set_persistent() {
-                tracing::warn!(
+                // Not guest-triggerable: start-up only
+                tracing::event!(
+                    tracing::Level::WARN,
                     "cannot make {name} persistent; a restart recreates it unconfigured: {}",
                     bulkhead_common::logging::chain(&e)
                 );
             }
             if let Err(e) = t.set_up() {
-                tracing::warn!(
+                // Not guest-triggerable: start-up only
+                tracing::event!(
+                    tracing::Level::WARN,
                     "cannot bring {name} up (do it yourself): {}",
                     bulkhead_common::logging::chain(&e)
                 );
