@@ -88,7 +88,11 @@ fn socket_activation_by_systemd_socket_activate_serves_io() -> Result<()> {
     let mut drv = BlkDriver::new(fe, 8, 4096)?;
     drv.write(0, 0, &pattern(4, 4096))?;
     ensure!(drv.read(0, 0, 4096)? == pattern(4, 4096));
-    ensure!(d.log().contains("frontend connected"), "log:\n{}", d.log());
+    eventually(
+        std::time::Duration::from_secs(5),
+        "the daemon's log line",
+        || Ok(d.log().contains("frontend connected")),
+    )?;
     Ok(())
 }
 
