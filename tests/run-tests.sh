@@ -13,3 +13,16 @@ cargo test --workspace --release --locked -- --test-threads="${BULKHEAD_TEST_THR
 # The harness, in its quick mode: keeps it working (no timed assertions).
 target/release/bulkhead-bench --quick --out target/bench-quick > /dev/null
 test -s target/bench-quick/report.json && test -s target/bench-quick/report.md && ls target/bench-quick/*.svg > /dev/null
+# Fuzz targets, briefly, starting from the committed corpora (cargo-fuzz on the stable
+# toolchain: RUSTC_BOOTSTRAP lets it pass the sanitizer flags).
+command -v cargo-fuzz > /dev/null || cargo install cargo-fuzz --locked
+for target in message memory_table inflight blk_request net_header; do
+  log="target/fuzz-$target.log"
+  if ! RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir tests/fuzz -O "$target" -- \
+    -max_total_time="${BULKHEAD_FUZZ_SECONDS:-20}" > "$log" 2>&1; then
+    tail -n 60 "$log"
+    echo "fuzz target $target failed; the crashing input is under tests/fuzz/artifacts/$target" >&2
+    exit 1
+  fi
+  tail -n 1 "$log"
+done
