@@ -345,7 +345,7 @@ fn run_remote(case: BlkCase, image: &std::path::Path, duration: Duration) -> Res
     let scratch = Scratch::new("bench")?;
     let socket = scratch.join("blk.sock");
     let daemon = match case.placement {
-        BlkPlacement::QemuStorageDaemon => spawn_qsd(&scratch, &socket, case.backend, image)?,
+        BlkPlacement::QemuStorageDaemon => spawn_qsd(&scratch, &socket, case.backend, image, 1)?,
         _ => {
             let mut args = vec![
                 "--socket-path".to_owned(),
@@ -383,12 +383,14 @@ fn run_remote(case: BlkCase, image: &std::path::Path, duration: Duration) -> Res
     Ok(point(case, &s, cf, cd))
 }
 
-/// qemu-storage-daemon exporting a null-co or file node over vhost-user-blk.
-fn spawn_qsd(
+/// qemu-storage-daemon exporting a null-co or file node over vhost-user-blk with `queues`
+/// queues.
+pub(crate) fn spawn_qsd(
     scratch: &Scratch,
     socket: &std::path::Path,
     backend: Backend,
     image: &std::path::Path,
+    queues: u32,
 ) -> Result<Daemon> {
     let node = match backend {
         Backend::Null => format!("driver=null-co,node-name=disk,size={CAPACITY}"),
@@ -397,7 +399,7 @@ fn spawn_qsd(
             image.display()
         ),
     };
-    let export = format!("type=vhost-user-blk,id=exp0,node-name=disk,addr.type=unix,addr.path={},num-queues=1,writable=on", socket.display());
+    let export = format!("type=vhost-user-blk,id=exp0,node-name=disk,addr.type=unix,addr.path={},num-queues={queues},writable=on", socket.display());
     let args = vec!["--blockdev".to_owned(), node, "--export".to_owned(), export];
     let mut d = Daemon::spawn_program(
         std::path::Path::new("/usr/bin/qemu-storage-daemon"),

@@ -27,6 +27,21 @@ pub fn pin(tid: i32, cpu: usize) -> Result<()> {
     Ok(())
 }
 
+/// Lets the calling thread run on every online CPU again (processes it starts inherit that).
+pub fn unpin_self(cpus: usize) -> Result<()> {
+    // SAFETY: cpu_set_t is plain data for which all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for cpu in 0..cpus {
+        // SAFETY: `set` is a valid cpu_set_t.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    // SAFETY: a valid set of the advertised size; 0 is the calling thread.
+    if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("sched_setaffinity");
+    }
+    Ok(())
+}
+
 /// Pins every thread of process `pid` whose name starts with `prefix` to `cpu`, waiting (up to
 /// a second) for at least one: a new thread names itself only once it runs.
 pub fn pin_threads(pid: u32, prefix: &str, cpu: usize) -> Result<usize> {

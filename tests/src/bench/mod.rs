@@ -4,6 +4,8 @@
 
 pub mod blk;
 pub mod cpu;
+pub mod guest;
+mod guest_report;
 pub mod net;
 pub mod pingpong;
 pub mod report;
@@ -25,6 +27,8 @@ pub struct Options {
     pub quick: bool,
     pub reps: usize,
     pub seconds: f64,
+    /// Also boot guests for the guest's view (QEMU built-in devices vs the daemons vs peers).
+    pub guest: bool,
 }
 
 impl Options {
@@ -59,6 +63,8 @@ pub struct Report {
     pub blk: Vec<BlkPoint>,
     pub net_tx: Vec<NetPoint>,
     pub net_rx: Vec<RxPoint>,
+    /// Secondary: the same I/O seen from a QEMU guest, when asked for.
+    pub guest: Option<guest::GuestView>,
 }
 
 fn machine() -> Machine {
@@ -264,6 +270,13 @@ pub fn run_suite(opts: Options, out: &Path) -> Result<Report> {
             injected_frames_per_sec: injected,
         });
     }
+    let guest_view = if opts.guest {
+        // The harness pinned this thread; the VMs it starts must not inherit that.
+        cpu::unpin_self(cpu_count())?;
+        Some(guest::run(opts.quick, opts.reps)?)
+    } else {
+        None
+    };
     let r = Report {
         machine: machine(),
         quick: opts.quick,
@@ -274,6 +287,7 @@ pub fn run_suite(opts: Options, out: &Path) -> Result<Report> {
         blk: blk_points,
         net_tx,
         net_rx,
+        guest: guest_view,
     };
     report::write_all(&r, out)?;
     Ok(r)

@@ -276,7 +276,10 @@ pub fn markdown(r: &Report) -> String {
             p.point.frame, p.point.frames_per_sec, p.point.gbit_per_sec, p.injected_frames_per_sec
         );
     }
-    let _ = writeln!(s, "\nPlots: `blk_qd_one_cpu.svg`, `blk_qd_two_cpus.svg`, `blk_latency_qd1.svg`, `net_tx.svg`.");
+    if let Some(v) = &r.guest {
+        s.push_str(&super::guest_report::markdown(v));
+    }
+    let _ = writeln!(s, "\nPlots: `blk_qd_one_cpu.svg`, `blk_qd_two_cpus.svg`, `blk_latency_qd1.svg`, `net_tx.svg`{}.", if r.guest.is_some() { ", `guest_blk.svg`" } else { "" });
     s
 }
 
@@ -328,6 +331,9 @@ pub fn write_all(r: &Report, out: &Path) -> Result<()> {
     std::fs::write(out.join("report.md"), markdown(r))?;
     if let Some(svg) = qd_chart(r, true) {
         std::fs::write(out.join("blk_qd_one_cpu.svg"), svg)?;
+    }
+    if let Some(svg) = r.guest.as_ref().and_then(super::guest_report::blk_svg) {
+        std::fs::write(out.join("guest_blk.svg"), svg)?;
     }
     if let Some(svg) = qd_chart(r, false) {
         std::fs::write(out.join("blk_qd_two_cpus.svg"), svg)?;

@@ -2,7 +2,8 @@
 //!   bulkhead-bench --out DIR            the default suite (a few minutes)
 //!   bulkhead-bench --quick --out DIR    a smoke run (seconds)
 //! Writes DIR/report.json, DIR/report.md and DIR/*.svg. Needs root (TAP, namespaces), the built
-//! daemons next to this binary, and qemu-storage-daemon for the peer comparison.
+//! daemons next to this binary, qemu-storage-daemon for the peer comparison, and QEMU with the
+//! guest kit (tests/setup.sh) for the guest's view.
 
 use std::path::PathBuf;
 
@@ -25,6 +26,10 @@ struct Args {
     /// Seconds per point.
     #[arg(long)]
     seconds: Option<f64>,
+    /// Skip the guest's view (QEMU guests on QEMU's built-in devices, the daemons and
+    /// qemu-storage-daemon; about two minutes under TCG, seconds with --quick).
+    #[arg(long)]
+    no_guest: bool,
 }
 
 fn main() -> Result<()> {
@@ -33,6 +38,7 @@ fn main() -> Result<()> {
         quick: a.quick,
         reps: a.reps.unwrap_or(if a.quick { 1 } else { 3 }),
         seconds: a.seconds.unwrap_or(if a.quick { 0.2 } else { 1.0 }),
+        guest: !a.no_guest,
     };
     let report = run_suite(opts, &a.out)?;
     print!("{}", bulkhead_tests::bench::report::markdown(&report));
