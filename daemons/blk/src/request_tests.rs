@@ -542,3 +542,47 @@ fn any_layout_of_a_request_parses_to_the_same_request() {
         );
     }
 }
+
+/// The guest rewrites the header and the descriptor table after the device checked them (a
+/// time-of-check/time-of-use attack): what executes is the request that was checked, because
+/// every guest field is read once into the device's own copy.
+#[test]
+fn rewriting_header_and_descriptors_after_the_check_changes_nothing() {
+    let mem = memory();
+    let (path, disk) = temp_disk();
+    let data = vec![0xa5u8; 1024];
+    mem.write_slice(&data, GuestAddress(DATA)).unwrap();
+    let d = chain(
+        &mem,
+        VIRTIO_BLK_T_OUT,
+        3,
+        &[(HDR, 16, 0), (DATA, 1024, 0), (STATUS, 1, WRITE)],
+    );
+    let mut segs = Vec::new();
+    let limits = Limits {
+        capacity: disk.capacity(),
+        ..limits()
+    };
+    let req = parse(&mem, &d, &limits, &mut segs).unwrap();
+    // Now a write at the last sector, and a data descriptor spanning all of guest memory.
+    let mut h = VIRTIO_BLK_T_OUT.to_le_bytes().to_vec();
+    h.extend_from_slice(&[0; 4]);
+    h.extend_from_slice(&(CAPACITY / 512 - 1).to_le_bytes());
+    mem.write_slice(&h, GuestAddress(HDR)).unwrap();
+    // `chain` puts the descriptor table at guest address 0: entry 1 is the data buffer.
+    let widened = RawDescriptor::from(SplitDescriptor::new(0, 0x100_0000, NEXT, 2));
+    mem.write_obj(widened, GuestAddress(16)).unwrap();
+    let serial = *b"serial-under-test\0\0\0";
+    let io = SyncIo {
+        disk: &disk,
+        serial: &serial,
+        writethrough: true,
+    };
+    assert_eq!(
+        io.execute(&mem, &req, &segs, &mut Vec::new()),
+        Outcome::ok(0)
+    );
+    let f = std::fs::read(&path.0).unwrap();
+    assert_eq!(&f[3 * 512..3 * 512 + 1024], &data[..]);
+    assert!(f[..3 * 512].iter().chain(&f[5 * 512..]).all(|&b| b == 0));
+}
