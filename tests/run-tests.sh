@@ -13,6 +13,8 @@ cargo test --workspace --release --locked -- --test-threads="${BULKHEAD_TEST_THR
 # The harness, in its quick mode: keeps it working (no timed assertions).
 target/release/bulkhead-bench --quick --out target/bench-quick > /dev/null
 test -s target/bench-quick/report.json && test -s target/bench-quick/report.md && ls target/bench-quick/*.svg > /dev/null
+target/release/bulkhead-bench --render target/bench-quick/report.json --out target/bench-rerender 2> /dev/null
+cmp target/bench-quick/report.md target/bench-rerender/report.md
 # Fuzz targets, briefly, starting from the committed corpora (cargo-fuzz on the stable
 # toolchain: RUSTC_BOOTSTRAP lets it pass the sanitizer flags).
 command -v cargo-fuzz > /dev/null || cargo install cargo-fuzz --locked

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use bulkhead_common::local::{DirectQueue, LocalRing, ThreadedQueue};
 use bulkhead_common::vring::RingAddrs;
 use bulkhead_common::Device;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use vhost_user_blk::disk::{Disk, DiskOptions};
 use vhost_user_blk::io::IoEngine;
 use vhost_user_blk::{BlkDevice, BlkOptions};
@@ -21,7 +21,7 @@ use crate::frontend::{
 };
 
 /// Where the device code runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum BlkPlacement {
     /// In the harness, called directly: no notifications (the floor).
@@ -35,7 +35,7 @@ pub enum BlkPlacement {
 }
 
 /// What the device stores into.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Backend {
     Null,
@@ -44,7 +44,7 @@ pub enum Backend {
 }
 
 /// One measured point.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BlkPoint {
     pub placement: BlkPlacement,
     pub backend: Backend,

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::blk::{spawn_qsd, Backend};
 use super::stats::median;
@@ -27,7 +27,7 @@ const GUEST_IP: &str = "10.0.0.2";
 /// Generous: a TCG guest is slow, and a command that hangs must still end the run.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum GuestBlkBackend {
     /// `virtio-blk-pci` with the disk served by an iothread inside QEMU.
     QemuBuiltin,
@@ -56,7 +56,7 @@ impl GuestBlkBackend {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum GuestNetBackend {
     /// `virtio-net-pci` on `-netdev tap` inside QEMU (no vhost-net on this host).
     QemuBuiltinTap,
@@ -77,7 +77,7 @@ impl GuestNetBackend {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GuestBlkPoint {
     pub backend: GuestBlkBackend,
     pub workload: String,
@@ -85,7 +85,7 @@ pub struct GuestBlkPoint {
     pub mib_per_sec: f64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GuestNetPoint {
     pub backend: GuestNetBackend,
     pub workload: String,
@@ -95,7 +95,7 @@ pub struct GuestNetPoint {
     pub rtt_ms: Option<f64>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GuestView {
     pub accel: String,
     pub qemu: String,

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use bulkhead_common::local::{DirectQueue, LocalRing, ThreadedQueue};
 use bulkhead_common::vring::RingAddrs;
 use bulkhead_common::Device;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use vhost_user_net::tap::TapQueue;
 use vhost_user_net::{NetDevice, NetOptions};
 
@@ -19,7 +19,7 @@ use crate::frontend::{LocalRings, NetDriver, Rings, Setup};
 use crate::netload::{frame, raw_tap_write};
 use crate::netns::NetNs;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum NetPlacement {
     InProcessDirect,
@@ -29,14 +29,14 @@ pub enum NetPlacement {
     RawTapWrite,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Direction {
     Tx,
     Rx,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NetPoint {
     pub placement: NetPlacement,
     pub direction: Direction,

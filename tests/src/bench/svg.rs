@@ -2,12 +2,15 @@
 
 use std::fmt::Write;
 
-const W: f64 = 720.0;
-const H: f64 = 420.0;
+/// Width of the plot area; the legend to its right is as wide as its longest name.
+const PLOT_W: f64 = 460.0;
+const H: f64 = 440.0;
 const LEFT: f64 = 80.0;
-const RIGHT: f64 = 190.0;
 const TOP: f64 = 40.0;
-const BOTTOM: f64 = 60.0;
+/// Room for x labels of up to three lines (split at ", ") and the axis name.
+const BOTTOM: f64 = 80.0;
+/// Rough width of one character at font-size 12.
+const CHAR_W: f64 = 7.0;
 const COLORS: [&str; 6] = [
     "#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02",
 ];
@@ -38,6 +41,16 @@ fn nice_max(v: f64) -> f64 {
     10.0 * p
 }
 
+/// Space right of the plot: legend swatch, gap and the longest series name.
+fn right_margin(series: &[Series]) -> f64 {
+    let longest = series
+        .iter()
+        .map(|s| s.name.chars().count())
+        .max()
+        .unwrap_or(0);
+    40.0 + CHAR_W * longest as f64
+}
+
 fn frame(
     out: &mut String,
     title: &str,
@@ -45,14 +58,16 @@ fn frame(
     y_label: &str,
     xs: &[String],
     ymax: f64,
+    right: f64,
 ) -> (f64, f64) {
-    let pw = W - LEFT - RIGHT;
+    let pw = PLOT_W;
     let ph = H - TOP - BOTTOM;
+    let w = LEFT + pw + right;
     let _ = write!(
         out,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">"#
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{H}" font-family="sans-serif" font-size="12">"#
     );
-    let _ = write!(out, r#"<rect width="{W}" height="{H}" fill="white"/>"#);
+    let _ = write!(out, r#"<rect width="{w}" height="{H}" fill="white"/>"#);
     let _ = write!(
         out,
         r#"<text x="{}" y="22" font-size="15" text-anchor="middle">{}</text>"#,
@@ -80,10 +95,14 @@ fn frame(
         let cx = LEFT + pw * (i as f64 + 0.5) / n;
         let _ = write!(
             out,
-            r#"<text x="{cx}" y="{}" text-anchor="middle">{}</text>"#,
-            TOP + ph + 18.0,
-            escape(x)
+            r#"<text x="{cx}" y="{}" text-anchor="middle">"#,
+            TOP + ph + 18.0
         );
+        for (k, part) in x.split(", ").enumerate() {
+            let dy = if k == 0 { 0.0 } else { 14.0 };
+            let _ = write!(out, r#"<tspan x="{cx}" dy="{dy}">{}</tspan>"#, escape(part));
+        }
+        out.push_str("</text>");
     }
     let _ = write!(
         out,
@@ -108,7 +127,7 @@ fn frame(
 fn legend(out: &mut String, series: &[Series]) {
     for (i, s) in series.iter().enumerate() {
         let y = TOP + 10.0 + 20.0 * i as f64;
-        let x = W - RIGHT + 12.0;
+        let x = LEFT + PLOT_W + 12.0;
         let c = COLORS[i % COLORS.len()];
         let _ = write!(
             out,
@@ -152,7 +171,15 @@ pub fn lines(
             .fold(0.0, f64::max),
     );
     let mut out = String::new();
-    let (pw, ph) = frame(&mut out, title, x_label, y_label, xs, ymax);
+    let (pw, ph) = frame(
+        &mut out,
+        title,
+        x_label,
+        y_label,
+        xs,
+        ymax,
+        right_margin(series),
+    );
     let n = xs.len().max(1) as f64;
     for (i, s) in series.iter().enumerate() {
         let c = COLORS[i % COLORS.len()];
@@ -189,7 +216,15 @@ pub fn bars(title: &str, x_label: &str, y_label: &str, xs: &[String], series: &[
             .fold(0.0, f64::max),
     );
     let mut out = String::new();
-    let (pw, ph) = frame(&mut out, title, x_label, y_label, xs, ymax);
+    let (pw, ph) = frame(
+        &mut out,
+        title,
+        x_label,
+        y_label,
+        xs,
+        ymax,
+        right_margin(series),
+    );
     let n = xs.len().max(1) as f64;
     let group = pw / n;
     let bw = group * 0.8 / series.len().max(1) as f64;

@@ -1,14 +1,15 @@
 //! bulkhead-bench: what moving a driver out of the VMM costs, measured side by side in one run.
 //!   bulkhead-bench --out DIR            the default suite (a few minutes)
 //!   bulkhead-bench --quick --out DIR    a smoke run (seconds)
+//!   bulkhead-bench --render DIR/report.json --out DIR   re-render report.md and the plots
 //! Writes DIR/report.json, DIR/report.md and DIR/*.svg. Needs root (TAP, namespaces), the built
 //! daemons next to this binary, qemu-storage-daemon for the peer comparison, and QEMU with the
 //! guest kit (tests/setup.sh) for the guest's view.
 
 use std::path::PathBuf;
 
-use anyhow::Result;
-use bulkhead_tests::bench::{run_suite, Options};
+use anyhow::{Context, Result};
+use bulkhead_tests::bench::{run_suite, Options, Report};
 use clap::Parser;
 
 #[derive(Debug, Parser)]
@@ -26,6 +27,9 @@ struct Args {
     /// Seconds per point.
     #[arg(long)]
     seconds: Option<f64>,
+    /// Do not measure: re-render report.md and the plots in --out from this report.json.
+    #[arg(long, value_name = "FILE")]
+    render: Option<PathBuf>,
     /// Skip the guest's view (QEMU guests on QEMU's built-in devices, the daemons and
     /// qemu-storage-daemon; about two minutes under TCG, seconds with --quick).
     #[arg(long)]
@@ -34,6 +38,16 @@ struct Args {
 
 fn main() -> Result<()> {
     let a = Args::parse();
+    if let Some(json) = &a.render {
+        let text = std::fs::read_to_string(json)
+            .with_context(|| format!("cannot read {}", json.display()))?;
+        let report: Report = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a bulkhead-bench report", json.display()))?;
+        std::fs::create_dir_all(&a.out)?;
+        bulkhead_tests::bench::report::write_all(&report, &a.out)?;
+        eprintln!("rendered into {}", a.out.display());
+        return Ok(());
+    }
     let opts = Options {
         quick: a.quick,
         reps: a.reps.unwrap_or(if a.quick { 1 } else { 3 }),
