@@ -7,7 +7,7 @@
 
 #![warn(clippy::arithmetic_side_effects, clippy::indexing_slicing)]
 
-use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Address, ByteValued, GuestAddress, GuestMemoryBackend};
 
 use crate::memory::GuestMemory;
 
@@ -101,9 +101,7 @@ pub fn walk(
         let at = table
             .checked_add(offset)
             .ok_or(ChainError::UnreadableDescriptor)?;
-        let raw: RawDesc = mem
-            .read_obj(at)
-            .map_err(|_| ChainError::UnreadableDescriptor)?;
+        let raw: RawDesc = super::access::read(mem, at).ok_or(ChainError::UnreadableDescriptor)?;
         if raw.flags & DESC_F_INDIRECT != 0 {
             if !limits.indirect {
                 return Err(ChainError::IndirectNotNegotiated);

@@ -1,5 +1,6 @@
 //! Split virtqueues, device side.
 
+pub mod access;
 pub mod chain;
 pub mod split;
 

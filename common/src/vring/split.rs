@@ -205,7 +205,7 @@ impl SplitRing {
         }
         let at = elem(self.addrs.used, USED_ELEM, self.slot(self.next_used));
         let elem = (u64::from(len) << 32 | u64::from(head)).to_le();
-        mem.write_obj(elem, at).map_err(|_| RingError::Memory)?;
+        super::access::write(mem, elem, at).ok_or(RingError::Memory)?;
         self.next_used += Wrapping(1);
         Ok(true)
     }

@@ -27,6 +27,10 @@ pub struct Options {
     pub quick: bool,
     pub reps: usize,
     pub seconds: f64,
+    /// Run the block placements.
+    pub blk: bool,
+    /// Run the net placements.
+    pub net: bool,
     /// Also boot guests for the guest's view (QEMU built-in devices vs the daemons vs peers).
     pub guest: bool,
 }
@@ -192,7 +196,6 @@ fn blk_cases(quick: bool) -> Vec<BlkCase> {
 /// Runs the suite and writes the report files into `out`.
 pub fn run_suite(opts: Options, out: &Path) -> Result<Report> {
     std::fs::create_dir_all(out)?;
-    let d = opts.duration();
     let rtt_time = if opts.quick {
         Duration::from_millis(200)
     } else {
@@ -202,6 +205,42 @@ pub fn run_suite(opts: Options, out: &Path) -> Result<Report> {
     let rtt_cross = pingpong::round_trip_us(0, 1 % cpu_count(), rtt_time)?;
     eprintln!("notification round trip: same CPU {rtt_same:.1} us, across CPUs {rtt_cross:.1} us");
 
+    let blk_points = if opts.blk {
+        blk_suite(opts)?
+    } else {
+        Vec::new()
+    };
+    let (net_tx, net_rx) = if opts.net {
+        (net_tx_suite(opts)?, net_rx_suite(opts)?)
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    let guest_view = if opts.guest {
+        // The harness pinned this thread; the VMs it starts must not inherit that.
+        cpu::unpin_self(cpu_count())?;
+        Some(guest::run(opts.quick, opts.reps)?)
+    } else {
+        None
+    };
+    let r = Report {
+        machine: machine(),
+        quick: opts.quick,
+        reps: opts.reps,
+        seconds_per_point: opts.seconds,
+        notify_rtt_same_cpu_us: rtt_same,
+        notify_rtt_cross_cpu_us: rtt_cross,
+        blk: blk_points,
+        net_tx,
+        net_rx,
+        guest: guest_view,
+    };
+    report::write_all(&r, out)?;
+    Ok(r)
+}
+
+/// The block placements over the block cases.
+fn blk_suite(opts: Options) -> Result<Vec<BlkPoint>> {
+    let d = opts.duration();
     let image = blk::tmpfs_image()?;
     let mut blk_points = Vec::new();
     for case in blk_cases(opts.quick) {
@@ -220,7 +259,12 @@ pub fn run_suite(opts: Options, out: &Path) -> Result<Report> {
         blk_points.push(p);
     }
     let _ = std::fs::remove_file(&image);
+    Ok(blk_points)
+}
 
+/// Net transmit: every placement per frame size, then the two-CPU and polling points.
+fn net_tx_suite(opts: Options) -> Result<Vec<NetPoint>> {
+    let d = opts.duration();
     let mut net_tx = Vec::new();
     let sizes: &[usize] = if opts.quick {
         &[64, 65536]
@@ -253,6 +297,12 @@ pub fn run_suite(opts: Options, out: &Path) -> Result<Report> {
             net_tx.push(point);
         }
     }
+    Ok(net_tx)
+}
+
+/// Net receive through the daemon.
+fn net_rx_suite(opts: Options) -> Result<Vec<RxPoint>> {
+    let d = opts.duration();
     let mut net_rx = Vec::new();
     let rx_sizes: &[usize] = if opts.quick {
         &[1514]
@@ -270,27 +320,7 @@ pub fn run_suite(opts: Options, out: &Path) -> Result<Report> {
             injected_frames_per_sec: injected,
         });
     }
-    let guest_view = if opts.guest {
-        // The harness pinned this thread; the VMs it starts must not inherit that.
-        cpu::unpin_self(cpu_count())?;
-        Some(guest::run(opts.quick, opts.reps)?)
-    } else {
-        None
-    };
-    let r = Report {
-        machine: machine(),
-        quick: opts.quick,
-        reps: opts.reps,
-        seconds_per_point: opts.seconds,
-        notify_rtt_same_cpu_us: rtt_same,
-        notify_rtt_cross_cpu_us: rtt_cross,
-        blk: blk_points,
-        net_tx,
-        net_rx,
-        guest: guest_view,
-    };
-    report::write_all(&r, out)?;
-    Ok(r)
+    Ok(net_rx)
 }
 
 /// Online CPUs of the machine (not the calling thread's affinity, which the harness narrows).

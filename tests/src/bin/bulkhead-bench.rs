@@ -34,6 +34,16 @@ struct Args {
     /// qemu-storage-daemon; about two minutes under TCG, seconds with --quick).
     #[arg(long)]
     no_guest: bool,
+    /// Run only these sections (comma-separated), e.g. `--only net` to compare a change.
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "SECTION")]
+    only: Vec<Section>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Section {
+    Blk,
+    Net,
+    Guest,
 }
 
 fn main() -> Result<()> {
@@ -52,7 +62,9 @@ fn main() -> Result<()> {
         quick: a.quick,
         reps: a.reps.unwrap_or(if a.quick { 1 } else { 3 }),
         seconds: a.seconds.unwrap_or(if a.quick { 0.2 } else { 1.0 }),
-        guest: !a.no_guest,
+        blk: a.only.is_empty() || a.only.contains(&Section::Blk),
+        net: a.only.is_empty() || a.only.contains(&Section::Net),
+        guest: !a.no_guest && (a.only.is_empty() || a.only.contains(&Section::Guest)),
     };
     let report = run_suite(opts, &a.out)?;
     print!("{}", bulkhead_tests::bench::report::markdown(&report));
