@@ -293,3 +293,91 @@ pub fn cpu_time(pid: u32) -> Result<Duration> {
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     Ok(Duration::from_nanos(ticks * 1_000_000_000 / hz))
 }
+
+/// Puts descriptors at fixed numbers in a child, between fork and exec, without close-on-exec:
+/// `pairs` are (descriptor in the parent, number below 512 in the child), at most eight.
+/// Async-signal-safe (no allocation). Every source is first copied above all targets, because a
+/// source that already sits at some target number would otherwise be closed by an earlier
+/// `dup2`, or, when it sits at its own target, keep its close-on-exec flag (`dup2(fd, fd)`
+/// changes nothing).
+pub fn place_fds_in_child(pairs: &[(i32, i32)]) -> std::io::Result<()> {
+    const ABOVE_TARGETS: i32 = 512;
+    let mut temps = [-1i32; 8];
+    if pairs.len() > temps.len() || pairs.iter().any(|&(_, to)| to >= ABOVE_TARGETS) {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    for (temp, &(from, _)) in temps.iter_mut().zip(pairs) {
+        // SAFETY: F_DUPFD only creates a descriptor in the calling (child) process.
+        *temp = unsafe { libc::fcntl(from, libc::F_DUPFD, ABOVE_TARGETS) };
+        if *temp < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    for (temp, &(_, to)) in temps.iter().zip(pairs) {
+        // SAFETY: dup2 from a descriptor this function owns onto a number the caller chose.
+        if unsafe { libc::dup2(*temp, to) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    for temp in temps.iter().take(pairs.len()) {
+        // SAFETY: closes only the temporary copies made above.
+        unsafe { libc::close(*temp) };
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+
+    /// What the child sees at `fd`: the target of /proc/self/fd/`fd`, or empty.
+    fn child_sees(pairs: Vec<(i32, i32)>, fds: &[i32]) -> Vec<String> {
+        let script: String = fds
+            .iter()
+            .map(|fd| format!("readlink /proc/self/fd/{fd} || echo closed; "))
+            .collect();
+        let mut cmd = std::process::Command::new("sh");
+        cmd.args(["-c", &script]);
+        // SAFETY: the hook only calls place_fds_in_child (async-signal-safe).
+        unsafe { cmd.pre_exec(move || super::place_fds_in_child(&pairs)) };
+        let out = cmd.output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// A close-on-exec copy of `file` at exactly `at` (numbers far above what the other tests
+    /// of this binary open).
+    fn at(file: &std::fs::File, at: i32) -> i32 {
+        // SAFETY: duplicates a descriptor we own onto a number this test reserves.
+        let fd = unsafe { libc::dup3(file.as_raw_fd(), at, libc::O_CLOEXEC) };
+        assert_eq!(fd, at);
+        fd
+    }
+
+    #[test]
+    fn a_descriptor_already_at_its_target_survives_exec() {
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let fd = at(&null, 401);
+        assert_eq!(child_sees(vec![(fd, fd)], &[fd]), vec!["/dev/null"]);
+        // SAFETY: closes the copy made above.
+        unsafe { libc::close(fd) };
+    }
+
+    #[test]
+    fn swapped_descriptors_land_where_asked() {
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let zero = std::fs::File::open("/dev/zero").unwrap();
+        let (n, z) = (at(&null, 410), at(&zero, 411));
+        assert_eq!(
+            child_sees(vec![(n, z), (z, n)], &[n, z]),
+            vec!["/dev/zero", "/dev/null"]
+        );
+        for fd in [n, z] {
+            // SAFETY: closes the copies made above.
+            unsafe { libc::close(fd) };
+        }
+    }
+}

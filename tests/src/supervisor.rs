@@ -149,15 +149,12 @@ fn spawn(
                 }
             }
             if let Some(fd) = inherit {
-                // SAFETY: dup2 is async-signal-safe; it places the listening socket at fd 3
-                // (without close-on-exec) in the child only.
-                if unsafe { libc::dup2(fd, 3) } < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+                // The listening socket at fd 3, without close-on-exec, in the child only.
+                crate::daemon::place_fds_in_child(&[(fd, 3)])?;
             }
             Ok(())
         };
-        // SAFETY: the hook only calls setns and dup2.
+        // SAFETY: the hook only calls setns, fcntl, dup2 and close (async-signal-safe).
         unsafe { cmd.pre_exec(hook) };
     };
     if mode == Mode::SocketActivation {

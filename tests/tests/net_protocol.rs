@@ -340,11 +340,8 @@ fn tap_fds_from_a_parent_let_an_unprivileged_daemon_serve() -> Result<()> {
                 }
             };
             // Each call is async-signal-safe and affects only the child between fork and exec.
-            // SAFETY: `a` is open in the parent, so in the child.
-            ok(unsafe { libc::dup2(a, 10) })?;
-            // SAFETY: as above.
-            ok(unsafe { libc::dup2(b, 11) })?;
-            // SAFETY: as above.
+            bulkhead_tests::daemon::place_fds_in_child(&[(a, 10), (b, 11)])?;
+            // SAFETY: changes only the child's credentials; async-signal-safe, no memory involved.
             ok(unsafe { libc::setgroups(0, std::ptr::null()) })?;
             // SAFETY: as above.
             ok(unsafe { libc::setgid(65534) })?;

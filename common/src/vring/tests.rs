@@ -338,3 +338,22 @@ fn ring_outside_memory_or_misaligned_is_refused() {
     assert_eq!(size(12).unwrap_err(), RingError::BadSize(12));
     assert_eq!(size(0).unwrap_err(), RingError::BadSize(0));
 }
+
+#[test]
+fn chain_carrying_more_than_4_gib_is_refused() {
+    // Two mapped 2 GiB buffers (the same bytes twice) add up to 4 GiB, one byte too many for
+    // the 32-bit length a used element can report. The region is virtual: nothing is touched.
+    let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0xa000_0000)]).unwrap();
+    let q = MockSplitQueue::create(&mem, GuestAddress(0), SIZE);
+    q.add_desc_chains(
+        &[
+            desc(0x10_0000, 0x8000_0000, F_NEXT, 1),
+            desc(0x10_0000, 0x8000_0000, 0, 0),
+        ],
+        0,
+    )
+    .unwrap();
+    let mut r = ring(&mem, &q, false);
+    let c = r.pop(&mem, &mut Vec::new()).unwrap().unwrap();
+    assert_eq!(c.error, Some(ChainError::TooManyBytes));
+}

@@ -35,3 +35,39 @@ pub fn append(mem: &GuestMemory, descs: &[Desc], out: &mut Vec<libc::iovec>) -> 
     }
     true
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestAddress;
+
+    fn desc(addr: u64, len: u32) -> Desc {
+        Desc {
+            addr: GuestAddress(addr),
+            len,
+            writable: false,
+        }
+    }
+
+    #[test]
+    fn a_buffer_spanning_two_regions_becomes_two_iovecs_over_the_right_bytes() {
+        let mem =
+            GuestMemory::from_ranges(&[(GuestAddress(0), 0x1000), (GuestAddress(0x1000), 0x1000)])
+                .unwrap();
+        let mut out = Vec::new();
+        assert!(append(&mem, &[desc(0x800, 0x1000)], &mut out));
+        let lens: Vec<usize> = out.iter().map(|v| v.iov_len).collect();
+        assert_eq!(lens, vec![0x800, 0x800]);
+        let first = mem.get_slice(GuestAddress(0x800), 1).unwrap();
+        let second = mem.get_slice(GuestAddress(0x1000), 1).unwrap();
+        assert_eq!(out[0].iov_base, first.ptr_guard_mut().as_ptr().cast());
+        assert_eq!(out[1].iov_base, second.ptr_guard_mut().as_ptr().cast());
+    }
+
+    #[test]
+    fn a_buffer_reaching_outside_memory_is_refused() {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        let mut out = Vec::new();
+        assert!(!append(&mem, &[desc(0x800, 0x1000)], &mut out));
+    }
+}
