@@ -128,9 +128,12 @@ fn blk_workloads(quick: bool) -> Vec<BlkWorkload> {
         },
         BlkWorkload {
             name: "4 KiB direct reads, 4 readers",
+            // Every reader's status counts: a bare `wait` would report success regardless.
             command: format!(
-                "for i in 0 1 2 3; do dd if=/dev/vda of=/dev/null bs=4096 count={per_reader} \
-                 skip=$((i * {per_reader})) iflag=direct & done; wait"
+                "pids=; for i in 0 1 2 3; do dd if=/dev/vda of=/dev/null bs=4096 \
+                 count={per_reader} skip=$((i * {per_reader})) iflag=direct 2>/dev/null & \
+                 pids=\"$pids $!\"; done; rc=0; for p in $pids; do wait $p || rc=1; done; \
+                 exit $rc"
             ),
             ops: per_reader * 4,
             bytes: per_reader * 4 * 4096,
