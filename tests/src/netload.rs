@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 
 use crate::fixture::NetFixture;
 use crate::frontend::net::{F_NEEDS_CSUM, GSO_NONE, GSO_TCPV4};
-use crate::frontend::{NetDriver, VnetHdr};
+use crate::frontend::{NetDriver, Rings, VnetHdr};
 use crate::netns::NetNs;
 
 /// Frames moved in a timed run.
@@ -65,7 +65,12 @@ pub fn frame(size: usize) -> (VnetHdr, Vec<u8>) {
 }
 
 /// TX through the daemon: keep up to `batch` frames queued, kick, reap, for `duration`.
-pub fn tx(d: &mut NetDriver, size: usize, batch: usize, duration: Duration) -> Result<Rate> {
+pub fn tx<R: Rings>(
+    d: &mut NetDriver<R>,
+    size: usize,
+    batch: usize,
+    duration: Duration,
+) -> Result<Rate> {
     let (hdr, f) = frame(size);
     let start = Instant::now();
     let mut frames = 0u64;

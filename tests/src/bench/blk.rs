@@ -76,7 +76,7 @@ pub struct BlkCase {
     pub poll_us: u64,
 }
 
-const CAPACITY: u64 = 1 << 30;
+pub const CAPACITY: u64 = 1 << 30;
 const FRONTEND_CPU: usize = 0;
 const QUEUE_SIZE: u16 = 256;
 
@@ -97,20 +97,31 @@ fn setup(event_idx: bool) -> Setup {
     }
 }
 
-/// A tmpfs image shared by the runs of a suite.
-pub fn tmpfs_image() -> Result<PathBuf> {
-    let path = PathBuf::from(format!(
-        "/dev/shm/bulkhead-bench-{}.img",
-        std::process::id()
-    ));
-    let f = std::fs::File::create(&path)?;
-    f.set_len(CAPACITY)?;
-    // Fill it, so reads hit real pages rather than holes.
-    let chunk = vec![0x5au8; 1 << 20];
-    for i in 0..(CAPACITY >> 20) {
-        std::os::unix::fs::FileExt::write_all_at(&f, &chunk, i << 20)?;
+/// A file on tmpfs filled with a pattern (so reads hit real pages rather than holes), shared by
+/// the runs of a suite and removed on drop.
+#[derive(Debug)]
+pub struct TmpfsImage(pub PathBuf);
+
+impl TmpfsImage {
+    /// `bytes` rounded down to whole MiB, named after `tag` and this process.
+    pub fn create(tag: &str, bytes: u64) -> Result<Self> {
+        let image = TmpfsImage(PathBuf::from(format!(
+            "/dev/shm/bulkhead-{tag}-{}.img",
+            std::process::id()
+        )));
+        let f = std::fs::File::create(&image.0)?;
+        let chunk = vec![0x5au8; 1 << 20];
+        for i in 0..(bytes >> 20) {
+            std::os::unix::fs::FileExt::write_all_at(&f, &chunk, i << 20)?;
+        }
+        Ok(image)
     }
-    Ok(path)
+}
+
+impl Drop for TmpfsImage {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// Runs one case for `duration` after a short warm-up.

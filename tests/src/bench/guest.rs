@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::blk::{spawn_qsd, Backend};
+use super::blk::{spawn_qsd, Backend, TmpfsImage};
 use super::stats::median;
 use crate::daemon::{Daemon, Scratch};
 use crate::fixture::NetFixture;
@@ -167,7 +167,8 @@ pub fn run(quick: bool, reps: usize) -> Result<GuestView> {
         net: Vec::new(),
     };
     let scratch = Scratch::new("guestbench")?;
-    let image = TmpfsImage::create(IMAGE_BYTES)?;
+    // The guest's disk, on tmpfs as in the rest of the harness.
+    let image = TmpfsImage::create("guest", IMAGE_BYTES)?;
     for backend in GuestBlkBackend::ALL {
         let points = blk_backend(&kit, &scratch, &image.0, backend, quick, reps)
             .with_context(|| format!("guest view, {}", backend.label()))?;
@@ -181,31 +182,6 @@ pub fn run(quick: bool, reps: usize) -> Result<GuestView> {
         view.net.extend(points);
     }
     Ok(view)
-}
-
-/// The guest's disk: a file on tmpfs (as in the rest of the harness), filled so that reads hit
-/// real pages, removed on drop.
-struct TmpfsImage(PathBuf);
-
-impl TmpfsImage {
-    fn create(bytes: u64) -> Result<Self> {
-        let image = TmpfsImage(PathBuf::from(format!(
-            "/dev/shm/bulkhead-guest-{}.img",
-            std::process::id()
-        )));
-        let f = std::fs::File::create(&image.0)?;
-        let chunk = vec![0x5au8; MIB as usize];
-        for i in 0..bytes / MIB {
-            std::os::unix::fs::FileExt::write_all_at(&f, &chunk, i * MIB)?;
-        }
-        Ok(image)
-    }
-}
-
-impl Drop for TmpfsImage {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }
 
 fn qemu_version(qemu: &Path) -> String {
@@ -302,16 +278,8 @@ fn blk_backend(
 /// milliseconds of console overhead against workloads of seconds).
 fn timed(g: &mut Guest, command: &str) -> Result<f64> {
     let started = Instant::now();
-    let out = g.run(&format!("{command} 2>/dev/null"), COMMAND_TIMEOUT)?;
-    let seconds = started.elapsed().as_secs_f64();
-    ensure!(
-        out.status == 0,
-        "`{command}` failed in the guest (status {}): {}{}",
-        out.status,
-        out.stdout,
-        out.stderr
-    );
-    Ok(seconds)
+    g.run_ok(&format!("{command} 2>/dev/null"), COMMAND_TIMEOUT)?;
+    Ok(started.elapsed().as_secs_f64())
 }
 
 fn net_backend(

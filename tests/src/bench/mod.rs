@@ -241,10 +241,10 @@ pub fn run_suite(opts: Options, out: &Path) -> Result<Report> {
 /// The block placements over the block cases.
 fn blk_suite(opts: Options) -> Result<Vec<BlkPoint>> {
     let d = opts.duration();
-    let image = blk::tmpfs_image()?;
+    let image = blk::TmpfsImage::create("bench", blk::CAPACITY)?;
     let mut blk_points = Vec::new();
     for case in blk_cases(opts.quick) {
-        let p = repeat(opts.reps, || blk::run(case, &image, d), median_blk)?;
+        let p = repeat(opts.reps, || blk::run(case, &image.0, d), median_blk)?;
         eprintln!(
             "blk {:?} {:?} qd{} {}B same_cpu={} event_idx={}: {:.0} ops/s p50 {:.1} us",
             p.placement,
@@ -258,7 +258,6 @@ fn blk_suite(opts: Options) -> Result<Vec<BlkPoint>> {
         );
         blk_points.push(p);
     }
-    let _ = std::fs::remove_file(&image);
     Ok(blk_points)
 }
 

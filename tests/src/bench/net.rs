@@ -111,31 +111,14 @@ fn point(
     }
 }
 
-/// Transmit loop for placements that notify.
+/// Transmit loop for placements that notify: the load tool's, so both measure the same way.
 fn tx_loop<R: Rings>(
     d: &mut NetDriver<R>,
     size: usize,
     duration: Duration,
 ) -> Result<(u64, Duration)> {
-    let (hdr, f) = frame(size);
-    let start = Instant::now();
-    let mut frames = 0u64;
-    while start.elapsed() < duration {
-        let old = d.fe.queue(1).avail_idx();
-        while d.tx_in_flight(0) < BATCH && d.submit_tx(0, &hdr, &f, 0)?.is_some() {}
-        d.kick_tx(0, old)?;
-        let mut done = d.reap_tx(0)?;
-        if done == 0 {
-            d.wait_tx(0)?;
-            done = 1 + d.reap_tx(0)?;
-        }
-        frames += done as u64;
-    }
-    let elapsed = start.elapsed();
-    while d.tx_in_flight(0) > 0 {
-        d.wait_tx(0)?;
-    }
-    Ok((frames, elapsed))
+    let rate = crate::netload::tx(d, size, BATCH, duration)?;
+    Ok((rate.frames, rate.elapsed))
 }
 
 fn in_process_device(ns: &NetNs) -> Result<(NetDevice, LocalRings)> {

@@ -41,6 +41,17 @@ fn nice_max(v: f64) -> f64 {
     10.0 * p
 }
 
+/// The top of the y axis: a round number above every value.
+fn y_max(series: &[Series]) -> f64 {
+    nice_max(
+        series
+            .iter()
+            .flat_map(|s| s.values.iter().flatten())
+            .copied()
+            .fold(0.0, f64::max),
+    )
+}
+
 /// Space right of the plot: legend swatch, gap and the longest series name.
 fn right_margin(series: &[Series]) -> f64 {
     let longest = series
@@ -163,13 +174,7 @@ pub fn lines(
     xs: &[String],
     series: &[Series],
 ) -> String {
-    let ymax = nice_max(
-        series
-            .iter()
-            .flat_map(|s| s.values.iter().flatten())
-            .copied()
-            .fold(0.0, f64::max),
-    );
+    let ymax = y_max(series);
     let mut out = String::new();
     let (pw, ph) = frame(
         &mut out,
@@ -208,13 +213,7 @@ pub fn lines(
 
 /// Grouped bars: for each category, one bar per series.
 pub fn bars(title: &str, x_label: &str, y_label: &str, xs: &[String], series: &[Series]) -> String {
-    let ymax = nice_max(
-        series
-            .iter()
-            .flat_map(|s| s.values.iter().flatten())
-            .copied()
-            .fold(0.0, f64::max),
-    );
+    let ymax = y_max(series);
     let mut out = String::new();
     let (pw, ph) = frame(
         &mut out,
