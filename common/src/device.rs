@@ -32,6 +32,17 @@ pub enum DeviceError {
 }
 
 /// A virtio device served over vhost-user.
+/// `1 << b` for a virtio feature bit number.
+pub const fn feature_bit(b: u32) -> u64 {
+    1 << b
+}
+
+/// The transport features the engine's split ring implements for every device: virtio 1.0,
+/// EVENT_IDX and indirect descriptor tables. Devices add their own to these.
+pub const RING_FEATURES: u64 = feature_bit(virtio_bindings::virtio_config::VIRTIO_F_VERSION_1)
+    | feature_bit(virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX)
+    | feature_bit(virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC);
+
 pub trait Device: Send + Sync + 'static {
     type Handler: QueueHandler;
 

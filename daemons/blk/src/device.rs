@@ -3,6 +3,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use bulkhead_common::device::{feature_bit as bit, RING_FEATURES};
 use bulkhead_common::{Device, DeviceError};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use virtio_bindings::virtio_blk::{
@@ -10,8 +11,6 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_TOPOLOGY,
     VIRTIO_BLK_F_WRITE_ZEROES,
 };
-use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
 use crate::config_space::{self, Geometry, CONFIG_LEN, WCE_OFFSET};
 use crate::disk::Disk;
@@ -86,17 +85,11 @@ impl BlkDevice {
     }
 }
 
-const fn bit(b: u32) -> u64 {
-    1 << b
-}
-
 impl Device for BlkDevice {
     type Handler = BlkQueue;
 
     fn features(&self) -> u64 {
-        let mut f = bit(VIRTIO_F_VERSION_1)
-            | bit(VIRTIO_RING_F_EVENT_IDX)
-            | bit(VIRTIO_RING_F_INDIRECT_DESC)
+        let mut f = RING_FEATURES
             | bit(VIRTIO_BLK_F_SEG_MAX)
             | bit(VIRTIO_BLK_F_BLK_SIZE)
             | bit(VIRTIO_BLK_F_TOPOLOGY)

@@ -4,12 +4,11 @@
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use bulkhead_common::device::{feature_bit as bit, RING_FEATURES};
 use bulkhead_common::vring::RingError;
 use bulkhead_common::{Device, DeviceError, Progress, QueueCtx, QueueHandler};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::*;
-use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
 use crate::config_space::{self, NetConfig, CONFIG_LEN};
 use crate::rx::RxQueue;
@@ -35,10 +34,6 @@ pub struct NetDevice {
     acked: AtomicU64,
     /// MTU from NET_SET_MTU, else --mtu, else 1500.
     mtu: AtomicU16,
-}
-
-const fn bit(b: u32) -> u64 {
-    1 << b
 }
 
 const DEFAULT_MTU: u16 = 1500;
@@ -100,9 +95,7 @@ impl Device for NetDevice {
     type Handler = NetQueue;
 
     fn features(&self) -> u64 {
-        let mut f = bit(VIRTIO_F_VERSION_1)
-            | bit(VIRTIO_RING_F_EVENT_IDX)
-            | bit(VIRTIO_RING_F_INDIRECT_DESC)
+        let mut f = RING_FEATURES
             | bit(VIRTIO_NET_F_CSUM)
             | bit(VIRTIO_NET_F_GUEST_CSUM)
             | bit(VIRTIO_NET_F_HOST_TSO4)
