@@ -10,6 +10,7 @@ packages=(
   systemd              # systemd-analyze, systemd-socket-activate
   xz-utils zstd        # in case guest kernel modules are compressed
   ca-certificates
+  g++                  # libFuzzer (cargo fuzz, the fuzz step of run-tests.sh) is C++
 )
 missing=()
 for p in "${packages[@]}"; do
