@@ -21,3 +21,5 @@ if ((${#missing[@]})); then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
+# QEMU's contrib vhost-user-blk, the block benchmark's libvhost-user peer (built once, cached in target/).
+bash "$(dirname "$0")/peers/build-contrib-vhost-user-blk.sh"

@@ -33,6 +33,13 @@ pub struct ServeArgs {
     #[arg(long, value_name = "MICROSECONDS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub poll_us: u64,
 
+    /// When completions become visible to the guest: `adaptive` (default) publishes each at
+    /// once and interrupts as soon as the guest asks while that overlaps its work with ours,
+    /// and batches per pass when an interrupt would preempt us (guest on our CPU);
+    /// `pipelined` and `batched` fix one behaviour (for measurements).
+    #[arg(long, value_enum, value_name = "POLICY", default_value_t = crate::pipeline::Completions::Adaptive)]
+    pub completions: crate::pipeline::Completions,
+
     /// After set-up, switch to this user (and its group): open the image, TAP and socket as
     /// root, serve as nobody.
     #[arg(long, value_name = "USER")]
@@ -73,6 +80,7 @@ impl ServeArgs {
     pub fn engine_options(&self) -> EngineOptions {
         EngineOptions {
             poll: std::time::Duration::from_micros(self.poll_us),
+            completions: self.completions,
         }
     }
     /// Where frontends come from: `--fd`, then a systemd-activated socket, then `--socket-path`.

@@ -10,9 +10,11 @@ use std::sync::Arc;
 use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::device::{Progress, QueueCtx, QueueHandler, Tracking};
+use crate::device::{Progress, QueueCtx, QueueHandler};
 use crate::memory::GuestMemory;
 use crate::notify::Signal;
+use crate::pipeline::Pipeline;
+use crate::queue_ctx::Tracking;
 use crate::vring::{RingAddrs, RingError, SplitRing};
 use crate::worker::{Worker, WorkerSpec};
 
@@ -37,6 +39,7 @@ pub struct DirectQueue<H: QueueHandler> {
     handler: H,
     ring: SplitRing,
     tracking: Tracking,
+    pipeline: Pipeline,
     mem: Arc<GuestMemory>,
     call: Signal,
 }
@@ -48,6 +51,7 @@ impl<H: QueueHandler> DirectQueue<H> {
             handler,
             ring,
             tracking: Tracking::default(),
+            pipeline: Pipeline::adaptive(),
             mem: Arc::new(mem),
             call: Signal::new(),
         })
@@ -55,17 +59,29 @@ impl<H: QueueHandler> DirectQueue<H> {
 
     /// One pass: take and complete what is available, publish the completions.
     pub fn run(&mut self) -> Result<Progress, RingError> {
-        let mut ctx = QueueCtx::new(&self.mem, &mut self.ring, &mut self.tracking);
+        let mut ctx = QueueCtx::new(
+            &self.mem,
+            &mut self.ring,
+            &mut self.tracking,
+            &mut self.pipeline,
+            &self.call,
+        );
         let progress = self.handler.process(&mut ctx)?;
-        ctx.flush(&self.call)?;
+        ctx.flush()?;
         Ok(progress)
     }
 
     /// Completes everything still in flight (asynchronous engines).
     pub fn drain(&mut self) -> Result<(), RingError> {
-        let mut ctx = QueueCtx::new(&self.mem, &mut self.ring, &mut self.tracking);
+        let mut ctx = QueueCtx::new(
+            &self.mem,
+            &mut self.ring,
+            &mut self.tracking,
+            &mut self.pipeline,
+            &self.call,
+        );
         self.handler.drain(&mut ctx)?;
-        ctx.flush(&self.call)
+        ctx.flush()
     }
 }
 
@@ -98,6 +114,7 @@ impl ThreadedQueue {
             mem: GuestMemoryAtomic::new(mem),
             tracking: Tracking::default(),
             poll,
+            pipeline: Pipeline::adaptive(),
         };
         Ok(Self {
             worker: Some(Worker::spawn(spec).map_err(LocalError::Spawn)?),

@@ -21,6 +21,8 @@ use crate::signals::{Signals, Wait};
 pub struct EngineOptions {
     /// Busy-poll a queue this long after its last work (zero: sleep at once).
     pub poll: Duration,
+    /// When completions are published.
+    pub completions: crate::pipeline::Completions,
 }
 
 /// Where frontends come from.

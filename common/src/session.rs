@@ -16,7 +16,6 @@ use vhost::vhost_user::message::{
 use vm_memory::{ByteValued, GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::device::Tracking;
 use crate::device::{Device, DeviceError};
 use crate::guest_warn;
 use crate::inflight::{InflightError, InflightRegion};
@@ -24,6 +23,7 @@ use crate::memory::{GuestMemory, MemoryError, MemoryTable, MAX_MEM_SLOTS};
 use crate::notify::Signal;
 use crate::protocol::channel::{Channel, ChannelError, Message};
 use crate::protocol::wire::{decode_exact, decode_prefix, Header, MAX_FDS};
+use crate::queue_ctx::Tracking;
 use crate::vring::{RingAddrs, SplitRing, MAX_QUEUE_SIZE};
 use crate::worker::{Worker, WorkerSpec};
 
@@ -698,6 +698,7 @@ impl<D: Device> Session<D> {
             mem: self.mem.clone(),
             tracking,
             poll: self.opts.poll,
+            pipeline: crate::pipeline::Pipeline::new(self.opts.completions),
         };
         match Worker::spawn(spec) {
             Ok(w) => {

@@ -12,10 +12,12 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::device::{Progress, QueueCtx, QueueHandler, Tracking};
+use crate::device::{Progress, QueueCtx, QueueHandler};
 use crate::guest_warn;
 use crate::memory::GuestMemory;
 use crate::notify::Signal;
+use crate::pipeline::Pipeline;
+use crate::queue_ctx::Tracking;
 use crate::vring::{RingError, SplitRing};
 
 /// What woke the worker, as carried in the epoll event data.
@@ -52,6 +54,8 @@ pub(crate) struct WorkerSpec<H> {
     pub tracking: Tracking,
     /// Busy-poll this long after the last work before sleeping (zero: never poll).
     pub poll: Duration,
+    /// When completions are published.
+    pub pipeline: Pipeline,
 }
 
 /// A running worker.
@@ -209,9 +213,15 @@ fn process_once<H: QueueHandler>(
     spec: &mut WorkerSpec<H>,
     mem: &Arc<GuestMemory>,
 ) -> Result<(), RingError> {
-    let mut ctx = QueueCtx::new(mem, &mut spec.ring, &mut spec.tracking);
+    let mut ctx = QueueCtx::new(
+        mem,
+        &mut spec.ring,
+        &mut spec.tracking,
+        &mut spec.pipeline,
+        &spec.call,
+    );
     spec.handler.process(&mut ctx)?;
-    ctx.flush(&spec.call)
+    ctx.flush()
 }
 
 /// Runs the handler until the ring is empty (or the handler saturated), with guest kicks
@@ -234,9 +244,15 @@ fn pass_inner<H: QueueHandler>(
 ) -> Result<(), RingError> {
     loop {
         spec.ring.disable_notifications(mem)?;
-        let mut ctx = QueueCtx::new(mem, &mut spec.ring, &mut spec.tracking);
+        let mut ctx = QueueCtx::new(
+            mem,
+            &mut spec.ring,
+            &mut spec.tracking,
+            &mut spec.pipeline,
+            &spec.call,
+        );
         let progress = spec.handler.process(&mut ctx)?;
-        ctx.flush(&spec.call)?;
+        ctx.flush()?;
         if progress == Progress::Waiting {
             return Ok(());
         }
@@ -248,11 +264,14 @@ fn pass_inner<H: QueueHandler>(
 
 fn finish<H: QueueHandler>(spec: &mut WorkerSpec<H>) {
     let mem = spec.mem.memory().into_inner();
-    let mut ctx = QueueCtx::new(&mem, &mut spec.ring, &mut spec.tracking);
-    let result = spec
-        .handler
-        .drain(&mut ctx)
-        .and_then(|()| ctx.flush(&spec.call));
+    let mut ctx = QueueCtx::new(
+        &mem,
+        &mut spec.ring,
+        &mut spec.tracking,
+        &mut spec.pipeline,
+        &spec.call,
+    );
+    let result = spec.handler.drain(&mut ctx).and_then(|()| ctx.flush());
     if let Err(e) = result {
         guest_warn!(
             queue = spec.index,

@@ -447,9 +447,8 @@ fn many_requests_in_flight_on_several_queues_with_and_without_event_idx() -> Res
     Ok(())
 }
 
-/// Completes one request without sleeping on the call eventfd, and returns how many interrupts
-/// the device sent meanwhile.
-fn complete_polling(d: &mut bulkhead_tests::frontend::BlkDriver, op: &BlkOp) -> Result<u64> {
+/// Completes one request without sleeping on the call eventfd.
+fn complete_polling(d: &mut bulkhead_tests::frontend::BlkDriver, op: &BlkOp) -> Result<()> {
     let old = d.fe.queue(0).avail_idx();
     d.submit(0, op)?.expect("slot");
     d.kick(0, old)?;
@@ -457,12 +456,25 @@ fn complete_polling(d: &mut bulkhead_tests::frontend::BlkDriver, op: &BlkOp) -> 
     loop {
         if let Some(c) = d.poll(0)? {
             assert_eq!(c.status, S_OK);
-            break;
+            return Ok(());
         }
         assert!(std::time::Instant::now() < deadline, "no completion");
         std::thread::yield_now();
     }
-    Ok(d.fe.queue(0).call.read().unwrap_or(0))
+}
+
+/// Interrupts received so far (the device may publish a completion just before it signals, so
+/// an expected interrupt is waited for; one that must not come is checked again at the end,
+/// after the queue stopped and every signal the device would send has been sent).
+fn interrupts(d: &mut bulkhead_tests::frontend::BlkDriver, expect_one: bool) -> Result<u64> {
+    let call = &d.fe.queue(0).call;
+    if expect_one {
+        bulkhead_tests::frontend::queue::wait_readable(
+            std::os::fd::AsRawFd::as_raw_fd(call),
+            Duration::from_secs(10),
+        )?;
+    }
+    Ok(call.read().unwrap_or(0))
 }
 
 #[test]
@@ -472,18 +484,20 @@ fn interrupts_are_sent_only_when_the_driver_asks() -> Result<()> {
     let mut d = fx.driver(Setup::default(), 8, 4096)?;
     let mem = d.fe.ram.mem().clone();
     d.fe.queue(0).set_used_event(&mem, 3)?;
-    let signals: Vec<u64> = (0..5)
-        .map(|i| {
-            complete_polling(
-                &mut d,
-                &BlkOp::Write {
-                    sector: i * 8,
-                    data: vec![1; 512],
-                },
-            )
-        })
-        .collect::<Result<_>>()?;
-    assert_eq!(signals, vec![0, 0, 0, 1, 0]);
+    let mut signals = Vec::new();
+    for i in 0..5 {
+        complete_polling(
+            &mut d,
+            &BlkOp::Write {
+                sector: i * 8,
+                data: vec![1; 512],
+            },
+        )?;
+        signals.push(interrupts(&mut d, i == 3)?);
+    }
+    d.fe.stop_queue(0)?;
+    signals.push(interrupts(&mut d, false)?);
+    assert_eq!(signals, vec![0, 0, 0, 1, 0, 0]);
     // One frontend at a time: the next one is accepted once this one is gone.
     drop(d);
 
@@ -498,29 +512,19 @@ fn interrupts_are_sent_only_when_the_driver_asks() -> Result<()> {
     )?;
     let mem = d.fe.ram.mem().clone();
     d.fe.queue(0).suppress_interrupts(&mem)?;
+    let read = |i: u64| BlkOp::Read {
+        sector: i * 8,
+        len: 512,
+    };
     for i in 0..3 {
-        assert_eq!(
-            complete_polling(
-                &mut d,
-                &BlkOp::Read {
-                    sector: i * 8,
-                    len: 512
-                }
-            )?,
-            0
-        );
+        complete_polling(&mut d, &read(i))?;
+        assert_eq!(interrupts(&mut d, false)?, 0);
     }
     d.fe.queue(0).arm_interrupt(&mem)?;
-    assert_eq!(
-        complete_polling(
-            &mut d,
-            &BlkOp::Read {
-                sector: 0,
-                len: 512
-            }
-        )?,
-        1
-    );
+    complete_polling(&mut d, &read(0))?;
+    assert_eq!(interrupts(&mut d, true)?, 1);
+    d.fe.stop_queue(0)?;
+    assert_eq!(interrupts(&mut d, false)?, 0);
     Ok(())
 }
 

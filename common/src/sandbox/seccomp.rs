@@ -106,6 +106,8 @@ const ENGINE: &[i64] = &[
     libc::SYS_prctl,
     libc::SYS_sched_getaffinity,
     libc::SYS_gettid,
+    // The completion policy reads its own involuntary context switches (pipeline.rs).
+    libc::SYS_getrusage,
     libc::SYS_getpid,
     libc::SYS_getrandom,
     libc::SYS_rt_sigaction,

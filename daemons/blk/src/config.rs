@@ -52,7 +52,7 @@ pub struct Args {
     pub direct: bool,
 
     /// How requests are executed.
-    #[arg(long, value_enum, default_value_t = IoEngine::IoUring)]
+    #[arg(long, value_enum, default_value_t = IoEngine::Auto)]
     pub io_engine: IoEngine,
 }
 

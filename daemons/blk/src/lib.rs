@@ -78,12 +78,13 @@ pub fn run(config: Config) -> Result<(), RunError> {
         })?,
         config::Backing::Null(size) => disk::Disk::null(*size, config.read_only)?,
     };
+    let engine = config.io_engine.resolve(&disk);
     tracing::info!(
         file = %disk.path().display(),
         capacity = disk.capacity(),
         read_only = config.read_only,
         direct = config.direct,
-        engine = ?config.io_engine,
+        engine = ?engine,
         queues = config.queues,
         "disk opened"
     );
@@ -93,7 +94,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
         BlkOptions {
             num_queues: config.queues,
             queue_size: config.queue_size,
-            engine: config.io_engine,
+            engine,
             serial: config.serial,
         },
     );

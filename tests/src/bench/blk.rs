@@ -2,8 +2,9 @@
 //! the device in-process and called directly, in-process on a worker thread, the real daemon
 //! over vhost-user, and qemu-storage-daemon's vhost-user-blk export.
 
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use bulkhead_common::local::{DirectQueue, LocalRing, ThreadedQueue};
@@ -14,11 +15,11 @@ use vhost_user_blk::disk::{Disk, DiskOptions};
 use vhost_user_blk::io::IoEngine;
 use vhost_user_blk::{BlkDevice, BlkOptions};
 
-use super::cpu::{gettid, own_cpu, pin, pin_process, pin_threads, process_cpu};
+use super::cpu::{pin_threads, process_cpu, Cpus};
+use super::instant::{InstantDevice, InstantThread};
+use super::lean_blk::{thread_cpu, Completions, LeanBlk, Sample};
 use crate::daemon::{Daemon, Scratch};
-use crate::frontend::{
-    BlkDriver, BlkOp, Connection, DriverQueue, Frontend, LocalRings, Rings, Setup,
-};
+use crate::frontend::{Connection, DriverQueue, Frontend, LocalRings, Rings, Setup};
 
 /// Where the device code runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,6 +33,29 @@ pub enum BlkPlacement {
     OutOfProcess,
     /// qemu-storage-daemon's vhost-user-blk export.
     QemuStorageDaemon,
+    /// QEMU's contrib vhost-user-blk (libvhost-user, synchronous preadv).
+    ContribVhostUserBlk,
+    /// A backend that completes every request at once (busy-polling on its own thread, or
+    /// called inline on one CPU): the driver's own ceiling.
+    DriverCeiling,
+}
+
+impl BlkPlacement {
+    pub fn label(self) -> &'static str {
+        match self {
+            BlkPlacement::InProcessDirect => "in-process, direct",
+            BlkPlacement::InProcessThreaded => "in-process, threaded",
+            BlkPlacement::OutOfProcess => "out-of-process (vhost-user-blk)",
+            BlkPlacement::QemuStorageDaemon => "qemu-storage-daemon",
+            BlkPlacement::ContribVhostUserBlk => "contrib vhost-user-blk (libvhost-user)",
+            BlkPlacement::DriverCeiling => "driver ceiling (instant backend)",
+        }
+    }
+
+    /// Placements that are a real backend (not the driver's yardstick).
+    pub fn is_backend(self) -> bool {
+        self != BlkPlacement::DriverCeiling
+    }
 }
 
 /// What the device stores into.
@@ -43,14 +67,25 @@ pub enum Backend {
     Tmpfs,
 }
 
+/// vhost-user-blk's I/O engine for a point (other placements ignore it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Engine {
+    /// What the daemon picks when not told.
+    Default,
+    Sync,
+    IoUring,
+}
+
 /// One measured point.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BlkPoint {
     pub placement: BlkPlacement,
     pub backend: Backend,
+    pub engine: Engine,
     pub depth: u32,
     pub block: u32,
-    pub same_cpu: bool,
+    pub cpus: Cpus,
     pub event_idx: bool,
     /// Busy-polling of the device's queue, microseconds (0: none).
     pub poll_us: u64,
@@ -59,34 +94,30 @@ pub struct BlkPoint {
     pub p50_us: f64,
     pub p99_us: f64,
     pub p999_us: f64,
-    /// CPU time per operation: the harness process (frontend, and the device when in-process).
-    pub cpu_us_per_op_frontend: f64,
-    /// CPU time per operation of the separate device process (0 in-process).
+    /// CPU time per operation of the driver's own thread.
+    pub cpu_us_per_op_driver: f64,
+    /// CPU time per operation of the device: its process, or its thread when in-process.
     pub cpu_us_per_op_device: f64,
+    /// Kicks the driver sent and interrupts it waited for, per operation.
+    pub kicks_per_op: f64,
+    pub interrupts_per_op: f64,
 }
 
 #[derive(Debug, Clone, Copy)]
 pub struct BlkCase {
     pub placement: BlkPlacement,
     pub backend: Backend,
+    pub engine: Engine,
     pub depth: u32,
     pub block: u32,
-    pub same_cpu: bool,
+    pub cpus: Cpus,
     pub event_idx: bool,
     pub poll_us: u64,
 }
 
 pub const CAPACITY: u64 = 1 << 30;
-const FRONTEND_CPU: usize = 0;
 const QUEUE_SIZE: u16 = 256;
-
-fn device_cpu(same: bool) -> usize {
-    if same {
-        FRONTEND_CPU
-    } else {
-        1
-    }
-}
+const WARM_UP: Duration = Duration::from_millis(100);
 
 fn setup(event_idx: bool) -> Setup {
     Setup {
@@ -124,15 +155,26 @@ impl Drop for TmpfsImage {
     }
 }
 
+/// The contrib vhost-user-blk binary `tests/peers/build-contrib-vhost-user-blk.sh` builds, if
+/// it was built.
+pub fn contrib_binary() -> Option<PathBuf> {
+    let p = crate::daemon::bin_dir()
+        .ok()?
+        .parent()?
+        .join("peers/vhost-user-blk-contrib");
+    p.exists().then_some(p)
+}
+
 /// Runs one case for `duration` after a short warm-up.
 pub fn run(case: BlkCase, image: &std::path::Path, duration: Duration) -> Result<BlkPoint> {
-    pin(gettid(), FRONTEND_CPU)?;
+    case.cpus.place_driver(super::cpu_count())?;
     match case.placement {
         BlkPlacement::InProcessDirect => run_direct(case, image, duration),
         BlkPlacement::InProcessThreaded => run_threaded(case, image, duration),
-        BlkPlacement::OutOfProcess | BlkPlacement::QemuStorageDaemon => {
-            run_remote(case, image, duration)
-        }
+        BlkPlacement::DriverCeiling => run_ceiling(case, duration),
+        BlkPlacement::OutOfProcess
+        | BlkPlacement::QemuStorageDaemon
+        | BlkPlacement::ContribVhostUserBlk => run_remote(case, image, duration),
     }
 }
 
@@ -147,16 +189,23 @@ fn disk(backend: Backend, image: &std::path::Path) -> Result<Disk> {
     })
 }
 
-fn in_process_device(
-    case: &BlkCase,
-    image: &std::path::Path,
-) -> Result<(BlkDevice, LocalRings, u64)> {
+fn io_engine(engine: Engine, disk: &Disk) -> IoEngine {
+    match engine {
+        Engine::Default => IoEngine::Auto.resolve(disk),
+        Engine::Sync => IoEngine::Sync,
+        Engine::IoUring => IoEngine::IoUring,
+    }
+}
+
+fn in_process_device(case: &BlkCase, image: &std::path::Path) -> Result<(BlkDevice, LocalRings)> {
+    let disk = disk(case.backend, image)?;
+    let engine = io_engine(case.engine, &disk);
     let dev = BlkDevice::new(
-        disk(case.backend, image)?,
+        disk,
         BlkOptions {
             num_queues: 1,
             queue_size: QUEUE_SIZE,
-            engine: IoEngine::Sync,
+            engine,
             serial: [0; 20],
         },
     );
@@ -167,7 +216,7 @@ fn in_process_device(
     }
     dev.set_features(features)?;
     let rings = LocalRings::new(s, features)?;
-    Ok((dev, rings, features))
+    Ok((dev, rings))
 }
 
 fn local_ring(q: &DriverQueue, event_idx: bool) -> LocalRing {
@@ -183,155 +232,69 @@ fn local_ring(q: &DriverQueue, event_idx: bool) -> LocalRing {
     }
 }
 
-/// Random request offsets, a fixed sequence for every placement.
-struct Offsets(u64);
-
-impl Offsets {
-    fn next(&mut self, block: u32) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 % (CAPACITY / u64::from(block))) * u64::from(block) / 512
-    }
+fn lean<R: Rings>(rings: R, case: &BlkCase) -> Result<LeanBlk<R>> {
+    LeanBlk::new(
+        rings,
+        u16::try_from(case.depth)?,
+        case.block,
+        CAPACITY,
+        false,
+    )
 }
 
-struct Sample {
-    ops: u64,
-    elapsed: Duration,
-    lat: Vec<u64>,
-}
-
-/// The closed loop used by every placement that notifies: keep `depth` reads in flight, kick,
-/// sleep on the interrupt eventfd, reap.
-fn closed_loop<R: Rings>(
-    d: &mut BlkDriver<R>,
-    depth: u32,
-    block: u32,
-    duration: Duration,
-) -> Result<Sample> {
-    let mut offsets = Offsets(0x2545_f491_4f6c_dd1d);
-    let mut started = std::collections::HashMap::new();
-    let mut lat = Vec::new();
-    let begin = Instant::now();
-    let end = begin + duration;
-    let mut ops = 0u64;
-    loop {
-        let old = d.fe.queue(0).avail_idx();
-        let now = Instant::now();
-        let mut added = false;
-        while now < end && d.in_flight(0) < depth as usize {
-            let head = d
-                .submit(
-                    0,
-                    &BlkOp::Read {
-                        sector: offsets.next(block),
-                        len: block,
-                    },
-                )?
-                .context("no slot")?;
-            started.insert(head, Instant::now());
-            added = true;
-        }
-        if added {
-            d.kick(0, old)?;
-        }
-        if d.in_flight(0) == 0 {
-            break;
-        }
-        let c = d.wait(0)?;
-        anyhow::ensure!(c.status == 0, "status {}", c.status);
-        if let Some(t) = started.remove(&c.head) {
-            lat.push(t.elapsed().as_nanos() as u64);
-        }
-        ops += 1;
-        while let Some(c) = d.poll(0)? {
-            if let Some(t) = started.remove(&c.head) {
-                lat.push(t.elapsed().as_nanos() as u64);
-            }
-            ops += 1;
-        }
-    }
-    lat.sort_unstable();
-    Ok(Sample {
-        ops,
-        elapsed: begin.elapsed(),
-        lat,
-    })
-}
-
-fn point(case: BlkCase, s: &Sample, cpu_front: Duration, cpu_dev: Duration) -> BlkPoint {
+fn point(case: BlkCase, s: &Sample, cpu_dev: Duration) -> BlkPoint {
     let secs = s.elapsed.as_secs_f64();
     let ops = s.ops.max(1) as f64;
     BlkPoint {
         placement: case.placement,
         backend: case.backend,
+        engine: case.engine,
         depth: case.depth,
         block: case.block,
-        same_cpu: case.same_cpu,
+        cpus: case.cpus,
         event_idx: case.event_idx,
         poll_us: case.poll_us,
         ops_per_sec: s.ops as f64 / secs,
         mib_per_sec: s.ops as f64 * f64::from(case.block) / secs / (1 << 20) as f64,
-        p50_us: super::stats::percentile_us(&s.lat, 50.0),
-        p99_us: super::stats::percentile_us(&s.lat, 99.0),
-        p999_us: super::stats::percentile_us(&s.lat, 99.9),
-        cpu_us_per_op_frontend: cpu_front.as_secs_f64() * 1e6 / ops,
+        p50_us: s.latency.percentile_us(50.0),
+        p99_us: s.latency.percentile_us(99.0),
+        p999_us: s.latency.percentile_us(99.9),
+        cpu_us_per_op_driver: s.driver_cpu.as_secs_f64() * 1e6 / ops,
         cpu_us_per_op_device: cpu_dev.as_secs_f64() * 1e6 / ops,
+        kicks_per_op: s.kicks as f64 / ops,
+        interrupts_per_op: s.interrupts as f64 / ops,
     }
 }
 
 fn run_direct(case: BlkCase, image: &std::path::Path, duration: Duration) -> Result<BlkPoint> {
-    let (dev, rings, _) = in_process_device(&case, image)?;
+    let (dev, rings) = in_process_device(&case, image)?;
     let ring = local_ring(&rings.queues[0], case.event_idx);
     let mem = rings.ram.mem().clone();
     let mut queue = DirectQueue::new(dev.queue_handler(0, 0)?, mem, ring)?;
-    let mut d = BlkDriver::new(rings, case.depth, case.block)?;
-    let mut offsets = Offsets(0x2545_f491_4f6c_dd1d);
-    let mut measure = |d: &mut BlkDriver<LocalRings>, dur: Duration| -> Result<Sample> {
-        let mut started = std::collections::HashMap::new();
-        let mut lat = Vec::new();
-        let begin = Instant::now();
-        let mut ops = 0u64;
-        while begin.elapsed() < dur {
-            while d.in_flight(0) < case.depth as usize {
-                let head = d
-                    .submit(
-                        0,
-                        &BlkOp::Read {
-                            sector: offsets.next(case.block),
-                            len: case.block,
-                        },
-                    )?
-                    .context("no slot")?;
-                started.insert(head, Instant::now());
-            }
-            let (mem, q) = d.fe.mem_and_queue(0);
-            q.publish(mem)?;
-            queue.run()?;
-            while let Some(c) = d.poll(0)? {
-                if let Some(t) = started.remove(&c.head) {
-                    lat.push(t.elapsed().as_nanos() as u64);
-                }
-                ops += 1;
-            }
-        }
-        queue.drain()?;
-        while d.poll(0)?.is_some() {}
-        lat.sort_unstable();
-        Ok(Sample {
-            ops,
-            elapsed: begin.elapsed(),
-            lat,
-        })
+    let mut d = lean(rings, &case)?;
+    let mut device_cpu = Duration::ZERO;
+    let mut run_device = || -> Result<()> {
+        let c0 = thread_cpu();
+        queue.run()?;
+        device_cpu += thread_cpu().saturating_sub(c0);
+        Ok(())
     };
-    measure(&mut d, Duration::from_millis(100))?;
-    let c0 = own_cpu()?;
-    let s = measure(&mut d, duration)?;
-    Ok(point(case, &s, own_cpu()? - c0, Duration::ZERO))
+    d.run(WARM_UP, Completions::Inline(&mut run_device))?;
+    let mut device_cpu = Duration::ZERO;
+    let mut run_device = || -> Result<()> {
+        let c0 = thread_cpu();
+        queue.run()?;
+        device_cpu += thread_cpu().saturating_sub(c0);
+        Ok(())
+    };
+    let mut s = d.run(duration, Completions::Inline(&mut run_device))?;
+    // The driver's thread ran the device too: split the two.
+    s.driver_cpu = s.driver_cpu.saturating_sub(device_cpu);
+    Ok(point(case, &s, device_cpu))
 }
 
 fn run_threaded(case: BlkCase, image: &std::path::Path, duration: Duration) -> Result<BlkPoint> {
-    let (dev, rings, _) = in_process_device(&case, image)?;
+    let (dev, rings) = in_process_device(&case, image)?;
     let q = &rings.queues[0];
     let ring = local_ring(q, case.event_idx);
     let worker = ThreadedQueue::spawn(
@@ -342,14 +305,53 @@ fn run_threaded(case: BlkCase, image: &std::path::Path, duration: Duration) -> R
         q.call.try_clone()?,
         Duration::from_micros(case.poll_us),
     )?;
-    pin_threads(std::process::id(), "queue-", device_cpu(case.same_cpu))?;
-    let mut d = BlkDriver::new(rings, case.depth, case.block)?;
-    closed_loop(&mut d, case.depth, case.block, Duration::from_millis(100))?;
-    let c0 = own_cpu()?;
-    let s = closed_loop(&mut d, case.depth, case.block, duration)?;
-    let cpu = own_cpu()? - c0;
+    let tids = super::cpu::threads_named(std::process::id(), "queue-")?;
+    if let Some(cpu) = case.cpus.device() {
+        pin_threads(std::process::id(), "queue-", cpu)?;
+    }
+    let mut d = lean(rings, &case)?;
+    d.run(WARM_UP, Completions::Interrupt)?;
+    let c0 = super::cpu::threads_cpu(std::process::id(), &tids)?;
+    let s = d.run(duration, Completions::Interrupt)?;
+    let cpu = super::cpu::threads_cpu(std::process::id(), &tids)?.saturating_sub(c0);
     worker.stop();
-    Ok(point(case, &s, cpu, Duration::ZERO))
+    Ok(point(case, &s, cpu))
+}
+
+fn run_ceiling(case: BlkCase, duration: Duration) -> Result<BlkPoint> {
+    let s = setup(case.event_idx);
+    let rings = LocalRings::new(s, 0)?;
+    let call = rings.queues[0].call.as_raw_fd();
+    let mem = rings.ram.mem().clone();
+    let mut d = lean(rings, &case)?;
+    let ring = d.ring();
+    if case.cpus == Cpus::One {
+        let mut dev = InstantDevice::new(ring, mem, call);
+        let mut device_cpu = Duration::ZERO;
+        let mut step = || -> Result<()> {
+            let c0 = thread_cpu();
+            dev.step()?;
+            device_cpu += thread_cpu().saturating_sub(c0);
+            Ok(())
+        };
+        d.run(WARM_UP, Completions::Inline(&mut step))?;
+        let mut device_cpu = Duration::ZERO;
+        let mut step = || -> Result<()> {
+            let c0 = thread_cpu();
+            dev.step()?;
+            device_cpu += thread_cpu().saturating_sub(c0);
+            Ok(())
+        };
+        let mut s = d.run(duration, Completions::Inline(&mut step))?;
+        s.driver_cpu = s.driver_cpu.saturating_sub(device_cpu);
+        return Ok(point(case, &s, device_cpu));
+    }
+    let dev = InstantThread::spawn(InstantDevice::new(ring, mem, call), case.cpus.device())?;
+    d.run(WARM_UP, Completions::Interrupt)?;
+    let s = d.run(duration, Completions::Interrupt)?;
+    dev.stop()?;
+    // The instant device busy-polls a whole CPU by design; its CPU time says nothing.
+    Ok(point(case, &s, Duration::ZERO))
 }
 
 fn run_remote(case: BlkCase, image: &std::path::Path, duration: Duration) -> Result<BlkPoint> {
@@ -357,17 +359,21 @@ fn run_remote(case: BlkCase, image: &std::path::Path, duration: Duration) -> Res
     let socket = scratch.join("blk.sock");
     let daemon = match case.placement {
         BlkPlacement::QemuStorageDaemon => spawn_qsd(&scratch, &socket, case.backend, image, 1)?,
+        BlkPlacement::ContribVhostUserBlk => spawn_contrib(&scratch, &socket, case.backend, image)?,
         _ => {
             let mut args = vec![
                 "--socket-path".to_owned(),
                 socket.display().to_string(),
-                "--io-engine".to_owned(),
-                "sync".to_owned(),
                 "--queues".to_owned(),
                 "1".to_owned(),
                 "--poll-us".to_owned(),
                 case.poll_us.to_string(),
             ];
+            match case.engine {
+                Engine::Default => {}
+                Engine::Sync => args.extend(["--io-engine".to_owned(), "sync".to_owned()]),
+                Engine::IoUring => args.extend(["--io-engine".to_owned(), "io-uring".to_owned()]),
+            }
             match case.backend {
                 Backend::Null => args.extend(["--null".to_owned(), CAPACITY.to_string()]),
                 Backend::Tmpfs => {
@@ -384,14 +390,47 @@ fn run_remote(case: BlkCase, image: &std::path::Path, duration: Duration) -> Res
             ..setup(case.event_idx)
         },
     )?;
-    let mut d = BlkDriver::new(fe, case.depth, case.block)?;
-    // Workers exist once the queue started: pin the whole device process.
-    pin_process(daemon.pid(), device_cpu(case.same_cpu))?;
-    closed_loop(&mut d, case.depth, case.block, Duration::from_millis(100))?;
-    let (c0, d0) = (own_cpu()?, process_cpu(daemon.pid())?);
-    let s = closed_loop(&mut d, case.depth, case.block, duration)?;
-    let (cf, cd) = (own_cpu()? - c0, process_cpu(daemon.pid())? - d0);
-    Ok(point(case, &s, cf, cd))
+    let mut d = lean(fe, &case)?;
+    // Workers exist once the queue started: place the whole device process.
+    case.cpus.place_device_process(daemon.pid())?;
+    d.run(WARM_UP, Completions::Interrupt)?;
+    let d0 = process_cpu(daemon.pid())?;
+    let s = d.run(duration, Completions::Interrupt)?;
+    let cd = process_cpu(daemon.pid())?.saturating_sub(d0);
+    Ok(point(case, &s, cd))
+}
+
+/// QEMU's contrib vhost-user-blk on the image (it has no null device: a null case runs it on
+/// the image too, and is reported as such).
+fn spawn_contrib(
+    scratch: &Scratch,
+    socket: &std::path::Path,
+    backend: Backend,
+    image: &std::path::Path,
+) -> Result<Daemon> {
+    anyhow::ensure!(
+        backend == Backend::Tmpfs,
+        "contrib vhost-user-blk serves files only"
+    );
+    let bin = contrib_binary().context(
+        "contrib vhost-user-blk is not built (tests/peers/build-contrib-vhost-user-blk.sh)",
+    )?;
+    let args = vec![
+        "-b".to_owned(),
+        image.display().to_string(),
+        "-s".to_owned(),
+        socket.display().to_string(),
+    ];
+    let mut d = Daemon::spawn_program(&bin, &args, "vhost-user-blk-contrib", scratch, |_| {})?;
+    crate::daemon::eventually(
+        Duration::from_secs(10),
+        "contrib vhost-user-blk's socket",
+        || Ok(socket.exists()),
+    )?;
+    if let Some(status) = d.try_wait()? {
+        anyhow::bail!("contrib vhost-user-blk exited: {status}\n{}", d.log());
+    }
+    Ok(d)
 }
 
 /// qemu-storage-daemon exporting a null-co or file node over vhost-user-blk with `queues`

@@ -79,3 +79,86 @@ pub fn gettid() -> i32 {
     // SAFETY: gettid has no side effects.
     unsafe { libc::gettid() }
 }
+
+/// Where the driver and the device run. Results hold only for the placement measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Cpus {
+    /// Driver and device pinned to the same CPU.
+    One,
+    /// Driver on CPU 0, device on CPU 1 (a vCPU and a device thread on different CPUs).
+    TwoPinned,
+    /// Nobody pinned: where the scheduler puts them.
+    Unpinned,
+}
+
+impl Cpus {
+    pub const ALL: [Cpus; 3] = [Cpus::One, Cpus::TwoPinned, Cpus::Unpinned];
+
+    pub fn driver(self) -> Option<usize> {
+        match self {
+            Cpus::One | Cpus::TwoPinned => Some(0),
+            Cpus::Unpinned => None,
+        }
+    }
+
+    pub fn device(self) -> Option<usize> {
+        match self {
+            Cpus::One => Some(0),
+            Cpus::TwoPinned => Some(1),
+            Cpus::Unpinned => None,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Cpus::One => "one CPU",
+            Cpus::TwoPinned => "two CPUs, pinned",
+            Cpus::Unpinned => "unpinned",
+        }
+    }
+
+    /// Pins (or unpins) the calling thread as the driver of this placement.
+    pub fn place_driver(self, machine_cpus: usize) -> Result<()> {
+        match self.driver() {
+            Some(cpu) => pin(gettid(), cpu),
+            None => unpin_self(machine_cpus),
+        }
+    }
+
+    /// Pins the device's process (every thread) if this placement pins it.
+    pub fn place_device_process(self, pid: u32) -> Result<()> {
+        match self.device() {
+            Some(cpu) => pin_process(pid, cpu),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Thread ids of process `pid` whose name starts with `prefix`.
+pub fn threads_named(pid: u32, prefix: &str) -> Result<Vec<i32>> {
+    let mut tids = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let entry = entry?;
+        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+        if comm.trim_end().starts_with(prefix) {
+            tids.push(entry.file_name().to_string_lossy().parse()?);
+        }
+    }
+    Ok(tids)
+}
+
+/// CPU time the threads `tids` of process `pid` have used so far, to the nanosecond (schedstat).
+pub fn threads_cpu(pid: u32, tids: &[i32]) -> Result<Duration> {
+    let mut ns = 0u64;
+    for tid in tids {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat"))
+            .with_context(|| format!("schedstat of thread {tid}"))?;
+        ns += s
+            .split_whitespace()
+            .next()
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Ok(Duration::from_nanos(ns))
+}

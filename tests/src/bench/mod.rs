@@ -6,9 +6,13 @@ pub mod blk;
 pub mod cpu;
 pub mod guest;
 mod guest_report;
+pub mod histogram;
+pub mod instant;
+pub mod lean_blk;
 pub mod net;
 pub mod pingpong;
 pub mod report;
+mod report_blk;
 pub mod stats;
 pub mod svg;
 
@@ -18,7 +22,8 @@ use std::time::Duration;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
-use blk::{Backend, BlkCase, BlkPlacement, BlkPoint};
+use blk::{Backend, BlkCase, BlkPlacement, BlkPoint, Engine};
+use cpu::Cpus;
 use net::{NetPlacement, NetPoint};
 
 /// How much to run.
@@ -116,8 +121,10 @@ fn median_blk(runs: &[BlkPoint]) -> BlkPoint {
         p50_us: m(|p| p.p50_us),
         p99_us: m(|p| p.p99_us),
         p999_us: m(|p| p.p999_us),
-        cpu_us_per_op_frontend: m(|p| p.cpu_us_per_op_frontend),
+        cpu_us_per_op_driver: m(|p| p.cpu_us_per_op_driver),
         cpu_us_per_op_device: m(|p| p.cpu_us_per_op_device),
+        kicks_per_op: m(|p| p.kicks_per_op),
+        interrupts_per_op: m(|p| p.interrupts_per_op),
         ..runs[0].clone()
     }
 }
@@ -136,58 +143,94 @@ fn median_net(runs: &[NetPoint]) -> NetPoint {
 /// Busy-polling window of the polling points.
 const POLL_US: u64 = 50;
 
-/// The block cases of the suite.
+/// The block cases of the suite: every placement (and the driver's ceiling) on the null
+/// device and on a tmpfs file, at each queue depth and CPU placement; then block sizes,
+/// EVENT_IDX off, busy polling and the io_uring engine beside the default.
 fn blk_cases(quick: bool) -> Vec<BlkCase> {
     use BlkPlacement::*;
     let mut v = Vec::new();
-    let case = |placement, backend, depth, block, same_cpu, event_idx| BlkCase {
-        poll_us: 0,
+    let case = |placement, backend, depth, cpus| BlkCase {
         placement,
         backend,
+        engine: Engine::Default,
         depth,
-        block,
-        same_cpu,
-        event_idx,
+        block: 4096,
+        cpus,
+        event_idx: true,
+        poll_us: 0,
     };
-    let depths: &[u32] = if quick { &[1, 32] } else { &[1, 4, 16, 32, 64] };
-    let cpus: &[bool] = if quick { &[true] } else { &[true, false] };
-    for &same in cpus {
-        for &qd in depths {
+    let contrib = blk::contrib_binary().is_some();
+    if !contrib {
+        eprintln!("contrib vhost-user-blk not built (tests/peers/build-contrib-vhost-user-blk.sh): its points are left out");
+    }
+    let (null_qds, file_qds, placements): (&[u32], &[u32], &[Cpus]) = if quick {
+        (&[1, 32], &[32], &[Cpus::One, Cpus::TwoPinned])
+    } else {
+        (&[1, 4, 16, 32, 64], &[1, 32, 64], &Cpus::ALL)
+    };
+    for &cpus in placements {
+        for &qd in null_qds {
             for p in [
+                DriverCeiling,
                 InProcessDirect,
                 InProcessThreaded,
                 OutOfProcess,
                 QemuStorageDaemon,
             ] {
-                if p == InProcessDirect && !same {
+                if p == InProcessDirect && cpus != Cpus::One {
                     continue; // no second thread to place
                 }
-                v.push(case(p, Backend::Null, qd, 4096, same, true));
+                v.push(case(p, Backend::Null, qd, cpus));
+            }
+        }
+        for &qd in file_qds {
+            for p in [
+                InProcessThreaded,
+                OutOfProcess,
+                QemuStorageDaemon,
+                ContribVhostUserBlk,
+            ] {
+                if p == ContribVhostUserBlk && !contrib {
+                    continue;
+                }
+                if quick && p == InProcessThreaded {
+                    continue;
+                }
+                v.push(case(p, Backend::Tmpfs, qd, cpus));
+            }
+            if !quick {
+                v.push(BlkCase {
+                    engine: Engine::IoUring,
+                    ..case(OutOfProcess, Backend::Tmpfs, qd, cpus)
+                });
             }
         }
     }
     if !quick {
         for block in [512, 65536, 131072] {
             for p in [InProcessThreaded, OutOfProcess, QemuStorageDaemon] {
-                v.push(case(p, Backend::Null, 32, block, true, true));
+                v.push(BlkCase {
+                    block,
+                    ..case(p, Backend::Null, 32, Cpus::One)
+                });
             }
         }
-        for qd in [1, 32] {
-            v.push(case(OutOfProcess, Backend::Null, qd, 4096, true, false));
+        for cpus in [Cpus::One, Cpus::TwoPinned] {
+            for qd in [1, 32] {
+                v.push(BlkCase {
+                    event_idx: false,
+                    ..case(OutOfProcess, Backend::Null, qd, cpus)
+                });
+            }
         }
     }
-    // Busy polling where it can pay: device and frontend on different CPUs.
+    // Busy polling where it can pay: device and driver on different CPUs.
     for qd in [1, 32] {
         for p in [InProcessThreaded, OutOfProcess] {
             v.push(BlkCase {
                 poll_us: POLL_US,
-                ..case(p, Backend::Null, qd, 4096, false, true)
+                ..case(p, Backend::Null, qd, Cpus::TwoPinned)
             });
-        }
-    }
-    for qd in [1, 32] {
-        for p in [InProcessThreaded, OutOfProcess, QemuStorageDaemon] {
-            v.push(case(p, Backend::Tmpfs, qd, 4096, true, true));
         }
     }
     v
@@ -246,15 +289,19 @@ fn blk_suite(opts: Options) -> Result<Vec<BlkPoint>> {
     for case in blk_cases(opts.quick) {
         let p = repeat(opts.reps, || blk::run(case, &image.0, d), median_blk)?;
         eprintln!(
-            "blk {:?} {:?} qd{} {}B same_cpu={} event_idx={}: {:.0} ops/s p50 {:.1} us",
+            "blk {:?} {:?} {:?} qd{} {}B {:?} event_idx={} poll={}: {:.0} ops/s p50 {:.1} us, CPU/op {:.2}+{:.2} us",
             p.placement,
             p.backend,
+            p.engine,
             p.depth,
             p.block,
-            p.same_cpu,
+            p.cpus,
             p.event_idx,
+            p.poll_us,
             p.ops_per_sec,
-            p.p50_us
+            p.p50_us,
+            p.cpu_us_per_op_driver,
+            p.cpu_us_per_op_device
         );
         blk_points.push(p);
     }
@@ -323,7 +370,7 @@ fn net_rx_suite(opts: Options) -> Result<Vec<RxPoint>> {
 }
 
 /// Online CPUs of the machine (not the calling thread's affinity, which the harness narrows).
-fn cpu_count() -> usize {
+pub(crate) fn cpu_count() -> usize {
     // SAFETY: sysconf has no side effects.
     usize::try_from(unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) })
         .unwrap_or(1)

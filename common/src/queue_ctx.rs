@@ -1,0 +1,159 @@
+//! A handler's view of its ring during one pass: take chains, complete them. Completions are
+//! published (and the guest interrupted, only when it asked) as the [`Pipeline`] policy says:
+//! each at once while the driver runs elsewhere, once per pass when it shares our CPU.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use crate::inflight::InflightQueue;
+use crate::memory::GuestMemory;
+use crate::notify::Signal;
+use crate::pipeline::Pipeline;
+use crate::vring::{AvailChain, Desc, RingError, SplitRing};
+
+/// Inflight tracking state of one queue (see [`crate::inflight`]).
+#[derive(Debug, Default)]
+pub(crate) struct Tracking {
+    pub inflight: Option<InflightQueue>,
+    /// Chains owed from before a crash, oldest first: handed out before new ones.
+    pub resubmit: VecDeque<u16>,
+    /// Chains returned since the last publish.
+    pub batch: Vec<u16>,
+}
+
+fn tracking_error(e: crate::inflight::InflightError) -> RingError {
+    RingError::Inflight(e.to_string())
+}
+
+#[derive(Debug)]
+pub struct QueueCtx<'a> {
+    mem: &'a Arc<GuestMemory>,
+    ring: &'a mut SplitRing,
+    tracking: &'a mut Tracking,
+    pipeline: &'a mut Pipeline,
+    call: &'a Signal,
+    /// Used elements written but not yet published.
+    unpublished: u32,
+    /// Whether this pass already interrupted the guest mid-pass.
+    signalled: bool,
+}
+
+impl<'a> QueueCtx<'a> {
+    pub(crate) fn new(
+        mem: &'a Arc<GuestMemory>,
+        ring: &'a mut SplitRing,
+        tracking: &'a mut Tracking,
+        pipeline: &'a mut Pipeline,
+        call: &'a Signal,
+    ) -> Self {
+        Self {
+            mem,
+            ring,
+            tracking,
+            pipeline,
+            call,
+            unpublished: 0,
+            signalled: false,
+        }
+    }
+
+    /// Guest memory for this pass.
+    pub fn mem(&self) -> &GuestMemory {
+        self.mem
+    }
+
+    /// A reference to guest memory that keeps the current mappings alive, for requests that
+    /// outlive this pass (asynchronous I/O).
+    pub fn mem_arc(&self) -> Arc<GuestMemory> {
+        Arc::clone(self.mem)
+    }
+
+    /// Takes the next chain (first those owed from before a restart, then new available ones);
+    /// its descriptors go into `descs`.
+    pub fn pop(&mut self, descs: &mut Vec<Desc>) -> Result<Option<AvailChain>, RingError> {
+        if let Some(head) = self.tracking.resubmit.pop_front() {
+            return Ok(Some(self.ring.chain_at(self.mem, head, descs)));
+        }
+        let chain = self.ring.pop(self.mem, descs)?;
+        if let (Some(c), Some(q)) = (&chain, self.tracking.inflight.as_mut()) {
+            if c.head < self.ring.size() {
+                q.taken(c.head).map_err(tracking_error)?;
+            }
+        }
+        Ok(chain)
+    }
+
+    /// Puts the last `count` taken chains back, to be taken again later (e.g. receive buffers
+    /// gathered for a frame that turned out smaller, or that did not arrive). Not for queues
+    /// with inflight tracking.
+    pub fn unpop(&mut self, count: u16) {
+        self.ring.rewind_avail(count);
+    }
+
+    /// Asks the guest to kick once it adds buffers beyond those already available (the handler
+    /// needs more than there are). Returns true if more arrived meanwhile: look again.
+    pub fn kick_on_more_buffers(&mut self) -> Result<bool, RingError> {
+        self.ring.enable_notifications_beyond_avail(self.mem)
+    }
+
+    /// Chains the guest has made available and we have not taken yet.
+    pub fn pending(&mut self) -> Result<u16, RingError> {
+        self.ring.pending(self.mem)
+    }
+
+    /// Returns a chain to the guest with `len` bytes written into it. Pipelined, it is
+    /// published at once and the guest interrupted if it waits for it.
+    pub fn complete(&mut self, head: u16, len: u32) -> Result<(), RingError> {
+        if !self.ring.push_used(self.mem, head, len)? {
+            return Ok(());
+        }
+        self.unpublished = self.unpublished.saturating_add(1);
+        if self.tracking.inflight.is_some() {
+            self.tracking.batch.push(head);
+        }
+        if self.pipeline.publish_each() {
+            self.publish()?;
+            // Without EVENT_IDX the guest's flag cannot say it already woke: one interrupt per
+            // pass mid-way, the rest at its end.
+            let may_signal = self.ring.event_idx() || !self.signalled;
+            if may_signal && self.ring.needs_signal(self.mem)? {
+                self.pipeline.signal_mid_pass(self.call);
+                self.signalled = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes written used elements visible, keeping the inflight record consistent at every
+    /// step.
+    fn publish(&mut self) -> Result<(), RingError> {
+        self.unpublished = 0;
+        if let Some(q) = self.tracking.inflight.as_mut() {
+            q.batch_ready(&self.tracking.batch)
+                .map_err(tracking_error)?;
+        }
+        self.ring.publish_used(self.mem)?;
+        if let Some(q) = self.tracking.inflight.as_mut() {
+            q.batch_published(&self.tracking.batch, self.ring.next_used())
+                .map_err(tracking_error)?;
+        }
+        self.tracking.batch.clear();
+        Ok(())
+    }
+
+    /// Ends a pass: publishes what is left and interrupts the guest if it wants to be.
+    pub fn flush(&mut self) -> Result<(), RingError> {
+        if self.unpublished > 0 {
+            self.publish()?;
+        }
+        if self.ring.needs_signal(self.mem)? {
+            self.call.signal();
+        }
+        self.pipeline.pass_done();
+        Ok(())
+    }
+
+    pub(crate) fn ring(&mut self) -> &mut SplitRing {
+        self.ring
+    }
+}
