@@ -34,8 +34,6 @@ pub struct QueueCtx<'a> {
     call: &'a Signal,
     /// Used elements written but not yet published.
     unpublished: u32,
-    /// Whether this pass already interrupted the guest mid-pass.
-    signalled: bool,
 }
 
 impl<'a> QueueCtx<'a> {
@@ -53,7 +51,6 @@ impl<'a> QueueCtx<'a> {
             pipeline,
             call,
             unpublished: 0,
-            signalled: false,
         }
     }
 
@@ -113,12 +110,15 @@ impl<'a> QueueCtx<'a> {
         }
         if self.pipeline.publish_each() {
             self.publish()?;
-            // Without EVENT_IDX the guest's flag cannot say it already woke: one interrupt per
-            // pass mid-way, the rest at its end.
-            let may_signal = self.ring.event_idx() || !self.signalled;
-            if may_signal && self.ring.needs_signal(self.mem)? {
-                self.pipeline.signal_mid_pass(self.call);
-                self.signalled = true;
+            // Interrupt once the guest has as much to reap as we have left to do: it then
+            // refills while we finish, and one interrupt serves many completions (an
+            // interrupt per completion costs more than the work on a fast device). The last
+            // completion of the work in sight always interrupts.
+            if let Some(unseen) = self.ring.interrupt_owed(self.mem)? {
+                if unseen >= self.ring.outstanding() {
+                    self.pipeline.signal_mid_pass(self.call);
+                    self.ring.signalled();
+                }
             }
         }
         Ok(())
@@ -148,6 +148,7 @@ impl<'a> QueueCtx<'a> {
         }
         if self.ring.needs_signal(self.mem)? {
             self.call.signal();
+            self.ring.signalled();
         }
         self.pipeline.pass_done();
         Ok(())

@@ -24,9 +24,14 @@ pub fn bin_dir() -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// Path of a workspace binary, checking it was built.
+/// Path of a workspace binary, checking it was built. `BULKHEAD_DAEMON_DIR` points the tests
+/// and the harness at binaries built elsewhere (e.g. an older commit, for before/after runs).
 pub fn binary(name: &str) -> Result<PathBuf> {
-    let p = bin_dir()?.join(name);
+    let dir = match std::env::var_os("BULKHEAD_DAEMON_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => bin_dir()?,
+    };
+    let p = dir.join(name);
     if !p.exists() {
         bail!("{} not found: build the workspace first (cargo build --workspace, same profile as the tests)", p.display());
     }

@@ -202,6 +202,39 @@ impl PacketSocket {
         Ok(())
     }
 
+    /// Sends `frame` `copies` times with one `sendmmsg`; returns how many the kernel took.
+    pub fn send_many(&self, frame: &[u8], copies: usize) -> Result<usize> {
+        // SAFETY: sockaddr_ll is plain data.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_ifindex = self.ifindex;
+        sll.sll_halen = 6;
+        let mut iov = libc::iovec {
+            iov_base: frame.as_ptr().cast_mut().cast(),
+            iov_len: frame.len(),
+        };
+        // SAFETY: msghdr is plain data; the fields set below make it valid.
+        let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+        hdr.msg_name = (&raw mut sll).cast();
+        hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+        hdr.msg_iov = &raw mut iov;
+        hdr.msg_iovlen = 1;
+        let mut msgs: Vec<libc::mmsghdr> = (0..copies)
+            .map(|_| libc::mmsghdr {
+                msg_hdr: hdr,
+                msg_len: 0,
+            })
+            .collect();
+        let count = u32::try_from(copies).unwrap_or(u32::MAX);
+        // SAFETY: every message points at `sll` and `iov`, which point at `frame`; all outlive
+        // the call, and the kernel only reads them.
+        let n = unsafe { libc::sendmmsg(self.fd.as_raw_fd(), msgs.as_mut_ptr(), count, 0) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error()).context("sendmmsg");
+        }
+        Ok(n.unsigned_abs() as usize)
+    }
+
     /// Receives one frame, waiting at most `timeout`. Only frames that arrived from the wire
     /// (PACKET_HOST/BROADCAST/OTHERHOST…), not our own outgoing ones.
     pub fn recv(&self, timeout: std::time::Duration) -> Result<Option<Vec<u8>>> {

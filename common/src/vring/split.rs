@@ -65,6 +65,10 @@ pub struct SplitRing {
     next_used: Wrapping<u16>,
     /// Used index at the last notification decision.
     signalled_used: Wrapping<u16>,
+    /// The guest asked to be interrupted for a completion published since the last signal;
+    /// `armed_at` is the first completion it has not seen.
+    owed: bool,
+    armed_at: Wrapping<u16>,
 }
 
 impl SplitRing {
@@ -109,6 +113,8 @@ impl SplitRing {
             shadow_avail: Wrapping(next_avail),
             next_used: Wrapping(used_idx),
             signalled_used: Wrapping(used_idx),
+            owed: false,
+            armed_at: Wrapping(used_idx),
         })
     }
 
@@ -221,29 +227,54 @@ impl SplitRing {
     }
 
     /// Whether the guest wants an interrupt for the elements published since the last call.
+    /// The answer stays yes until [`signalled`](Self::signalled) is called.
     pub fn needs_signal(&mut self, mem: &GuestMemory) -> Result<bool, RingError> {
+        Ok(self.interrupt_owed(mem)?.is_some())
+    }
+
+    /// If the guest is owed an interrupt: how many published completions it has not seen (it
+    /// will find that many when it looks). `None` if it did not ask for one.
+    pub fn interrupt_owed(&mut self, mem: &GuestMemory) -> Result<Option<u16>, RingError> {
         let old = self.signalled_used;
         let new = self.next_used;
-        if old == new {
-            return Ok(false);
+        if old != new && !self.owed {
+            // Order the used index store before reading the guest's suppression state.
+            fence(Ordering::SeqCst);
+            self.signalled_used = new;
+            if self.event_idx {
+                let at = elem(self.addrs.avail, AVAIL_ELEM, u64::from(self.size));
+                let used_event: u16 = mem
+                    .load(at, Ordering::Relaxed)
+                    .map_err(|_| RingError::Memory)?;
+                let used_event = Wrapping(u16::from_le(used_event));
+                // vring_need_event: signal if used_event lies in [old, new).
+                if new - used_event - Wrapping(1) < new - old {
+                    self.owed = true;
+                    self.armed_at = used_event;
+                }
+            } else {
+                let flags: u16 = mem
+                    .load(self.addrs.avail, Ordering::Relaxed)
+                    .map_err(|_| RingError::Memory)?;
+                if u16::from_le(flags) & AVAIL_F_NO_INTERRUPT == 0 {
+                    self.owed = true;
+                    self.armed_at = old;
+                }
+            }
         }
-        // Order the used index store before reading the guest's suppression state.
-        fence(Ordering::SeqCst);
-        self.signalled_used = new;
-        if self.event_idx {
-            let at = elem(self.addrs.avail, AVAIL_ELEM, u64::from(self.size));
-            let used_event: u16 = mem
-                .load(at, Ordering::Relaxed)
-                .map_err(|_| RingError::Memory)?;
-            let used_event = Wrapping(u16::from_le(used_event));
-            // vring_need_event: signal if used_event lies in [old, new).
-            Ok(new - used_event - Wrapping(1) < new - old)
-        } else {
-            let flags: u16 = mem
-                .load(self.addrs.avail, Ordering::Relaxed)
-                .map_err(|_| RingError::Memory)?;
-            Ok(u16::from_le(flags) & AVAIL_F_NO_INTERRUPT == 0)
-        }
+        Ok(self.owed.then_some((self.next_used - self.armed_at).0))
+    }
+
+    /// The guest was interrupted for everything published so far.
+    pub fn signalled(&mut self) {
+        self.owed = false;
+        self.signalled_used = self.next_used;
+    }
+
+    /// Chains the guest made available (as last seen) that are not completed yet: taken and
+    /// in progress, or still waiting on the ring.
+    pub fn outstanding(&self) -> u16 {
+        (self.shadow_avail - self.next_used).0
     }
 
     /// Asks the guest to kick for new buffers. Returns true if buffers arrived meanwhile, in which

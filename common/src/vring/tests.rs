@@ -260,12 +260,46 @@ fn signal_follows_used_event_with_event_idx() {
         let c = r.pop(&mem, &mut d).unwrap().unwrap();
         r.push_used(&mem, c.head, 0).unwrap();
         r.publish_used(&mem).unwrap();
-        signals.push(r.needs_signal(&mem).unwrap());
+        let s = r.needs_signal(&mem).unwrap();
+        if s {
+            r.signalled();
+        }
+        signals.push(s);
     }
     // used_event = 2: interrupt when the used index moves past 2, i.e. reaches 3.
     assert_eq!(signals, vec![false, false, true, false]);
     // Nothing new: no signal.
     assert!(!r.needs_signal(&mem).unwrap());
+}
+
+#[test]
+fn an_owed_interrupt_counts_the_completions_the_guest_has_not_seen() {
+    let mem = memory();
+    let q = MockSplitQueue::create(&mem, GuestAddress(0), SIZE);
+    q.add_desc_chains(
+        &(0..6).map(|_| desc(0x10000, 16, 0, 0)).collect::<Vec<_>>(),
+        0,
+    )
+    .unwrap();
+    let used_event = q.avail_addr().unchecked_add(4 + 2 * u64::from(SIZE));
+    mem.write_obj(1u16, used_event).unwrap();
+    let mut r = ring(&mem, &q, true);
+    let mut d = Vec::new();
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let c = r.pop(&mem, &mut d).unwrap().unwrap();
+        r.push_used(&mem, c.head, 0).unwrap();
+        r.publish_used(&mem).unwrap();
+        seen.push((r.interrupt_owed(&mem).unwrap(), r.outstanding()));
+    }
+    // The guest waits from completion 1 on: owed once the second completion is published,
+    // with every later one counted until it is signalled; two chains are still to do.
+    assert_eq!(
+        seen,
+        vec![(None, 5), (Some(1), 4), (Some(2), 3), (Some(3), 2)]
+    );
+    r.signalled();
+    assert_eq!(r.interrupt_owed(&mem).unwrap(), None);
 }
 
 #[test]

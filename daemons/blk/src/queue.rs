@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bulkhead_common::vring::{Desc, RingError};
 use bulkhead_common::{guest_warn, Progress, QueueCtx, QueueHandler};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::GuestAddress;
 
 use crate::device::{Shared, SEG_MAX};
 use crate::io::sync::{Outcome, SyncIo};
@@ -119,7 +119,11 @@ fn finish(
     written: u32,
 ) -> Result<(), RingError> {
     let used = match (status_at, status) {
-        (Some(at), Some(s)) if ctx.mem().write_obj(s, at).is_ok() => written.saturating_add(1),
+        (Some(at), Some(s))
+            if bulkhead_common::vring::access::write(ctx.mem(), s, at).is_some() =>
+        {
+            written.saturating_add(1)
+        }
         _ => 0,
     };
     ctx.complete(head, used)

@@ -299,6 +299,20 @@ fn read_readable<T: ByteValued + Default>(
     descs: &[Desc],
     at: u64,
 ) -> Result<T, ParseError> {
+    // Fast path: the value lies in the first descriptor (nearly always).
+    if let Some(d) = descs.first().filter(|d| !d.writable) {
+        let end = at.checked_add(std::mem::size_of::<T>() as u64);
+        if end.is_some_and(|end| end <= u64::from(d.len)) {
+            if let Some(v) = d
+                .addr
+                .0
+                .checked_add(at)
+                .and_then(|a| bulkhead_common::vring::access::read::<T>(mem, GuestAddress(a)))
+            {
+                return Ok(v);
+            }
+        }
+    }
     let mut value = T::default();
     let buf = value.as_mut_slice();
     let mut filled = 0usize;

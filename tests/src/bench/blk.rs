@@ -115,6 +115,23 @@ pub struct BlkCase {
     pub poll_us: u64,
 }
 
+impl BlkCase {
+    /// One line naming the point (what `--filter` matches).
+    pub fn describe(&self) -> String {
+        format!(
+            "{:?} {:?} {:?} qd{} {}B {:?} event_idx={} poll={}",
+            self.placement,
+            self.backend,
+            self.engine,
+            self.depth,
+            self.block,
+            self.cpus,
+            self.event_idx,
+            self.poll_us
+        )
+    }
+}
+
 pub const CAPACITY: u64 = 1 << 30;
 const QUEUE_SIZE: u16 = 256;
 const WARM_UP: Duration = Duration::from_millis(100);
@@ -166,7 +183,14 @@ pub fn contrib_binary() -> Option<PathBuf> {
 }
 
 /// Runs one case for `duration` after a short warm-up.
-pub fn run(case: BlkCase, image: &std::path::Path, duration: Duration) -> Result<BlkPoint> {
+/// `daemon_args` go to vhost-user-blk in the out-of-process placement (e.g. a completion
+/// policy, for a comparison).
+pub fn run(
+    case: BlkCase,
+    image: &std::path::Path,
+    duration: Duration,
+    daemon_args: &[String],
+) -> Result<BlkPoint> {
     case.cpus.place_driver(super::cpu_count())?;
     match case.placement {
         BlkPlacement::InProcessDirect => run_direct(case, image, duration),
@@ -174,7 +198,7 @@ pub fn run(case: BlkCase, image: &std::path::Path, duration: Duration) -> Result
         BlkPlacement::DriverCeiling => run_ceiling(case, duration),
         BlkPlacement::OutOfProcess
         | BlkPlacement::QemuStorageDaemon
-        | BlkPlacement::ContribVhostUserBlk => run_remote(case, image, duration),
+        | BlkPlacement::ContribVhostUserBlk => run_remote(case, image, duration, daemon_args),
     }
 }
 
@@ -305,7 +329,7 @@ fn run_threaded(case: BlkCase, image: &std::path::Path, duration: Duration) -> R
         q.call.try_clone()?,
         Duration::from_micros(case.poll_us),
     )?;
-    let tids = super::cpu::threads_named(std::process::id(), "queue-")?;
+    let tids = super::cpu::wait_threads_named(std::process::id(), "queue-")?;
     if let Some(cpu) = case.cpus.device() {
         pin_threads(std::process::id(), "queue-", cpu)?;
     }
@@ -320,13 +344,14 @@ fn run_threaded(case: BlkCase, image: &std::path::Path, duration: Duration) -> R
 
 fn run_ceiling(case: BlkCase, duration: Duration) -> Result<BlkPoint> {
     let s = setup(case.event_idx);
-    let rings = LocalRings::new(s, 0)?;
+    let features = if case.event_idx { 1 << 29 } else { 0 };
+    let rings = LocalRings::new(s, features | (1 << 32))?;
     let call = rings.queues[0].call.as_raw_fd();
     let mem = rings.ram.mem().clone();
     let mut d = lean(rings, &case)?;
     let ring = d.ring();
     if case.cpus == Cpus::One {
-        let mut dev = InstantDevice::new(ring, mem, call);
+        let mut dev = InstantDevice::new(ring, mem, call, case.event_idx);
         let mut device_cpu = Duration::ZERO;
         let mut step = || -> Result<()> {
             let c0 = thread_cpu();
@@ -346,15 +371,29 @@ fn run_ceiling(case: BlkCase, duration: Duration) -> Result<BlkPoint> {
         s.driver_cpu = s.driver_cpu.saturating_sub(device_cpu);
         return Ok(point(case, &s, device_cpu));
     }
-    let dev = InstantThread::spawn(InstantDevice::new(ring, mem, call), case.cpus.device())?;
-    d.run(WARM_UP, Completions::Interrupt)?;
-    let s = d.run(duration, Completions::Interrupt)?;
-    dev.stop()?;
+    let dev = InstantThread::spawn(
+        InstantDevice::new(ring, mem, call, case.event_idx),
+        case.cpus.device(),
+    )?;
+    let s = d
+        .run(WARM_UP, Completions::Interrupt)
+        .and_then(|_| d.run(duration, Completions::Interrupt));
+    let stopped = dev.stop();
+    let s = match (s, stopped) {
+        (Ok(s), Ok(())) => s,
+        (Err(e), Err(dev)) => return Err(e.context(format!("the instant device failed: {dev:#}"))),
+        (Err(e), Ok(())) | (Ok(_), Err(e)) => return Err(e),
+    };
     // The instant device busy-polls a whole CPU by design; its CPU time says nothing.
     Ok(point(case, &s, Duration::ZERO))
 }
 
-fn run_remote(case: BlkCase, image: &std::path::Path, duration: Duration) -> Result<BlkPoint> {
+fn run_remote(
+    case: BlkCase,
+    image: &std::path::Path,
+    duration: Duration,
+    daemon_args: &[String],
+) -> Result<BlkPoint> {
     let scratch = Scratch::new("bench")?;
     let socket = scratch.join("blk.sock");
     let daemon = match case.placement {
@@ -380,6 +419,7 @@ fn run_remote(case: BlkCase, image: &std::path::Path, duration: Duration) -> Res
                     args.extend(["--blk-file".to_owned(), image.display().to_string()])
                 }
             }
+            args.extend_from_slice(daemon_args);
             Daemon::start("vhost-user-blk", &args, &scratch)?
         }
     };

@@ -162,3 +162,16 @@ pub fn threads_cpu(pid: u32, tids: &[i32]) -> Result<Duration> {
     }
     Ok(Duration::from_nanos(ns))
 }
+
+/// Like [`threads_named`], waiting (up to a second) for at least one: a new thread names itself
+/// only once it runs.
+pub fn wait_threads_named(pid: u32, prefix: &str) -> Result<Vec<i32>> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    loop {
+        let tids = threads_named(pid, prefix)?;
+        if !tids.is_empty() || std::time::Instant::now() > deadline {
+            return Ok(tids);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}

@@ -15,7 +15,9 @@ use std::thread::JoinHandle;
 use anyhow::{ensure, Result};
 use vm_memory::{GuestAddress, GuestMemoryBackend as _, GuestMemoryMmap};
 
-use super::lean_blk::{need_event, RawRing};
+use super::raw_ring::{need_event, RawRing, USED_F_NO_NOTIFY};
+
+const AVAIL_F_NO_INTERRUPT: u16 = 1;
 use crate::frontend::queue::{DESC_F_NEXT, DESC_F_WRITE};
 
 #[derive(Debug)]
@@ -25,13 +27,20 @@ pub struct InstantDevice {
     call: RawFd,
     next_avail: u16,
     next_used: u16,
+    /// Write a zero status byte into the last descriptor (block); a transmit queue has none.
+    write_status: bool,
+    event_idx: bool,
 }
 
 // SAFETY: `ring` points into `mem`, which the device holds (a clone keeps the mappings alive).
 unsafe impl Send for InstantDevice {}
 
 impl InstantDevice {
-    pub fn new(ring: RawRing, mem: GuestMemoryMmap<()>, call: RawFd) -> Self {
+    /// With `event_idx`, interrupts follow `used_event`; without, the driver's NO_INTERRUPT flag.
+    pub fn new(ring: RawRing, mem: GuestMemoryMmap<()>, call: RawFd, event_idx: bool) -> Self {
+        // Kicks are never needed (without EVENT_IDX: say so once with the flag).
+        ring.used_flags()
+            .store(USED_F_NO_NOTIFY.to_le(), Ordering::Relaxed);
         let next_avail = u16::from_le(ring.avail_idx().load(Ordering::Acquire));
         Self {
             ring,
@@ -39,7 +48,15 @@ impl InstantDevice {
             call,
             next_avail,
             next_used: next_avail,
+            write_status: true,
+            event_idx,
         }
+    }
+
+    /// For chains without a status byte (network transmit).
+    pub fn without_status(mut self) -> Self {
+        self.write_status = false;
+        self
     }
 
     /// Completes everything available; returns how many.
@@ -69,11 +86,13 @@ impl InstantDevice {
                 }
                 i = next;
             }
-            let status = self.mem.get_host_address(GuestAddress(last));
-            ensure!(status.is_ok(), "status byte at {last:#x} is outside RAM");
-            if let Ok(p) = status {
-                // SAFETY: a byte of guest RAM, which `self.mem` keeps mapped.
-                unsafe { std::ptr::write_volatile(p, 0) };
+            if self.write_status {
+                let status = self.mem.get_host_address(GuestAddress(last));
+                ensure!(status.is_ok(), "status byte at {last:#x} is outside RAM");
+                if let Ok(p) = status {
+                    // SAFETY: a byte of guest RAM, which `self.mem` keeps mapped.
+                    unsafe { std::ptr::write_volatile(p, 0) };
+                }
             }
             self.ring
                 .set_used_elem(self.next_used, u32::from(head), written);
@@ -88,8 +107,14 @@ impl InstantDevice {
             .avail_event()
             .store(self.next_avail.wrapping_sub(1).to_le(), Ordering::Relaxed);
         fence(Ordering::SeqCst);
-        let event = u16::from_le(self.ring.used_event().load(Ordering::Relaxed));
-        if need_event(event, self.next_used, old_used) {
+        let wanted = if self.event_idx {
+            let event = u16::from_le(self.ring.used_event().load(Ordering::Relaxed));
+            need_event(event, self.next_used, old_used)
+        } else {
+            u16::from_le(self.ring.avail_flags().load(Ordering::Relaxed)) & AVAIL_F_NO_INTERRUPT
+                == 0
+        };
+        if wanted {
             let one = 1u64;
             // SAFETY: writes 8 bytes from a valid u64 to the call eventfd.
             unsafe { libc::write(self.call, (&one as *const u64).cast(), 8) };

@@ -13,13 +13,17 @@
 //! so a backend that completes a request twice or loses one fails the run.
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{fence, AtomicU16, Ordering};
+use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
-use vm_memory::{GuestAddress, GuestMemoryBackend as _, GuestMemoryMmap};
+use anyhow::{bail, ensure, Result};
+use vm_memory::GuestAddress;
 
 use super::histogram::Histogram;
+pub use super::raw_ring::thread_cpu;
+use super::raw_ring::{
+    arm_interrupt, host, kick, kick_needed, raw_ring, read_at, write_at, Interrupts, RawRing,
+};
 use crate::frontend::device::data_base;
 use crate::frontend::queue::{DESC_F_NEXT, DESC_F_WRITE};
 use crate::frontend::Rings;
@@ -61,98 +65,6 @@ pub struct Sample {
     pub interrupts: u64,
 }
 
-/// Host pointers to one split ring's parts.
-#[derive(Debug, Clone, Copy)]
-pub struct RawRing {
-    pub size: u16,
-    pub desc: *mut u8,
-    pub avail: *mut u8,
-    pub used: *mut u8,
-}
-
-// SAFETY: the pointers point into guest RAM that outlives every user (the driver owns the
-// mapping; the instant backend's thread is joined before the driver is dropped).
-unsafe impl Send for RawRing {}
-
-/// Reads a `T` at byte `off` of guest RAM mapped at `base`.
-fn read_at<T: Copy>(base: *mut u8, off: usize) -> T {
-    let p = base.wrapping_add(off).cast::<T>();
-    // SAFETY: callers pass offsets of naturally aligned ring fields inside guest RAM, which
-    // outlives the driver (see `RawRing`).
-    unsafe { std::ptr::read_volatile(p) }
-}
-
-/// Writes a `T` at byte `off` of guest RAM mapped at `base`.
-fn write_at<T: Copy>(base: *mut u8, off: usize, v: T) {
-    let p = base.wrapping_add(off).cast::<T>();
-    // SAFETY: as in `read_at`.
-    unsafe { std::ptr::write_volatile(p, v) }
-}
-
-/// A shared 16-bit ring field at byte `off` of `base`.
-fn u16_at(base: *mut u8, off: usize) -> &'static AtomicU16 {
-    let p = base.wrapping_add(off).cast::<AtomicU16>();
-    // SAFETY: ring fields are 2-byte aligned (the layout aligns every part to 4 KiB and fields
-    // to their size) and lie inside guest RAM, which outlives the driver.
-    unsafe { &*p }
-}
-
-impl RawRing {
-    /// `avail->idx`
-    pub fn avail_idx(&self) -> &AtomicU16 {
-        u16_at(self.avail, 2)
-    }
-    /// `avail->ring[i]`
-    pub fn avail_slot(&self, i: u16) -> &AtomicU16 {
-        u16_at(self.avail, 4 + 2 * usize::from(i % self.size))
-    }
-    /// `used_event` (after the available ring's entries).
-    pub fn used_event(&self) -> &AtomicU16 {
-        u16_at(self.avail, 4 + 2 * usize::from(self.size))
-    }
-    /// `used->idx`
-    pub fn used_idx(&self) -> &AtomicU16 {
-        u16_at(self.used, 2)
-    }
-    /// `avail_event` (after the used ring's entries).
-    pub fn avail_event(&self) -> &AtomicU16 {
-        u16_at(self.used, 4 + 8 * usize::from(self.size))
-    }
-    /// Reads used element `i`: (id, len). The device wrote it before the release store of
-    /// used->idx that the caller acquired.
-    pub fn used_elem(&self, i: u16) -> (u32, u32) {
-        let v = u64::from_le(read_at(self.used, 4 + 8 * usize::from(i % self.size)));
-        (v as u32, (v >> 32) as u32)
-    }
-    /// Writes used element `i`.
-    pub fn set_used_elem(&self, i: u16, id: u32, len: u32) {
-        let v = (u64::from(len) << 32 | u64::from(id)).to_le();
-        write_at(self.used, 4 + 8 * usize::from(i % self.size), v);
-    }
-    /// Reads descriptor `i`: (addr, len, flags, next).
-    pub fn desc(&self, i: u16) -> (u64, u32, u16, u16) {
-        let at = 16 * usize::from(i % self.size);
-        (
-            u64::from_le(read_at(self.desc, at)),
-            u32::from_le(read_at(self.desc, at + 8)),
-            u16::from_le(read_at(self.desc, at + 12)),
-            u16::from_le(read_at(self.desc, at + 14)),
-        )
-    }
-    fn write_desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let at = 16 * usize::from(i % self.size);
-        write_at(self.desc, at, addr.to_le());
-        write_at(self.desc, at + 8, len.to_le());
-        write_at(self.desc, at + 12, flags.to_le());
-        write_at(self.desc, at + 14, next.to_le());
-    }
-}
-
-/// `vring_need_event`: whether moving an index from `old` to `new` passes `event`.
-pub fn need_event(event: u16, new: u16, old: u16) -> bool {
-    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
-}
-
 /// One request slot's guest buffers, as host pointers.
 #[derive(Debug, Clone, Copy)]
 struct Slot {
@@ -171,20 +83,14 @@ pub struct LeanBlk<R: Rings> {
     avail_idx: u16,
     last_used: u16,
     kick: RawFd,
-    epoll: vmm_sys_util::epoll::Epoll,
+    interrupts: Interrupts,
     depth: u16,
     block: u32,
     write: bool,
+    event_idx: bool,
     sectors: u64,
     rng: u64,
     clock: Instant,
-}
-
-fn host(mem: &GuestMemoryMmap<()>, addr: GuestAddress, len: usize) -> Result<*mut u8> {
-    let slice = mem
-        .get_slice(addr, len)
-        .with_context(|| format!("guest address {:#x} (+{len}) is not in RAM", addr.0))?;
-    Ok(slice.ptr_guard_mut().as_ptr())
 }
 
 impl<R: Rings> LeanBlk<R> {
@@ -197,17 +103,11 @@ impl<R: Rings> LeanBlk<R> {
             "queue of {size} cannot hold {depth} requests of three descriptors"
         );
         let mut rings = rings;
+        let event_idx = rings.has(29);
         let base = data_base(rings.setup());
         let stride = SLOT_HEADER + u64::from(block).div_ceil(4096) * 4096;
+        let ring = raw_ring(&mut rings, 0)?;
         let (mem, q) = rings.mem_and_queue(0);
-        let layout = q.layout;
-        let bytes = crate::frontend::RingLayout::bytes(size) as usize;
-        let ring = RawRing {
-            size,
-            desc: host(mem, layout.desc, bytes)?,
-            avail: host(mem, layout.avail, 6 + 2 * usize::from(size))?,
-            used: host(mem, layout.used, 6 + 8 * usize::from(size))?,
-        };
         let mut slots = Vec::new();
         for i in 0..depth {
             let at = GuestAddress(base.0 + u64::from(i) * stride);
@@ -229,15 +129,7 @@ impl<R: Rings> LeanBlk<R> {
             });
         }
         let kick = q.kick.as_raw_fd();
-        let epoll = vmm_sys_util::epoll::Epoll::new()?;
-        epoll.ctl(
-            vmm_sys_util::epoll::ControlOperation::Add,
-            q.call.as_raw_fd(),
-            vmm_sys_util::epoll::EpollEvent::new(
-                vmm_sys_util::epoll::EventSet::IN | vmm_sys_util::epoll::EventSet::EDGE_TRIGGERED,
-                0,
-            ),
-        )?;
+        let interrupts = Interrupts::new(q.call.as_raw_fd())?;
         let avail_idx = ring.avail_idx().load(Ordering::Acquire);
         let last_used = ring.used_idx().load(Ordering::Acquire);
         ensure!(avail_idx == last_used, "ring has requests in flight");
@@ -251,10 +143,11 @@ impl<R: Rings> LeanBlk<R> {
             avail_idx,
             last_used,
             kick,
-            epoll,
+            interrupts,
             depth,
             block,
             write,
+            event_idx,
             sectors: (capacity / u64::from(block)).max(1),
             rng: 0x2545_f491_4f6c_dd1d,
             clock: Instant::now(),
@@ -283,6 +176,8 @@ impl<R: Rings> LeanBlk<R> {
         }
         let now = self.now_ns();
         let old = self.avail_idx;
+        // As Linux's virtqueue_add: each request is published as it is added (the device may
+        // start on it at once); the kick decision waits for the end of the batch.
         while let Some(slot) = self.free.pop() {
             let sector = self.next_sector();
             let s = self.slots[usize::from(slot)];
@@ -296,18 +191,14 @@ impl<R: Rings> LeanBlk<R> {
                 .avail_slot(self.avail_idx)
                 .store((slot * DESCS_PER_REQUEST).to_le(), Ordering::Relaxed);
             self.avail_idx = self.avail_idx.wrapping_add(1);
+            self.ring
+                .avail_idx()
+                .store(self.avail_idx.to_le(), Ordering::Release);
         }
-        self.ring
-            .avail_idx()
-            .store(self.avail_idx.to_le(), Ordering::Release);
         // Order the index store before reading the device's suppression state (virtio_mb).
         fence(Ordering::SeqCst);
-        let event = u16::from_le(self.ring.avail_event().load(Ordering::Relaxed));
-        if need_event(event, self.avail_idx, old) {
-            let one = 1u64;
-            // SAFETY: writes 8 bytes from a valid u64 to the kick eventfd.
-            let n = unsafe { libc::write(self.kick, (&one as *const u64).cast(), 8) };
-            ensure!(n == 8, "kick: {}", std::io::Error::last_os_error());
+        if kick_needed(&self.ring, self.event_idx, self.avail_idx, old) {
+            kick(self.kick)?;
             *kicks += 1;
         }
         Ok(())
@@ -356,7 +247,6 @@ impl<R: Rings> LeanBlk<R> {
         let cpu0 = thread_cpu();
         let begin = Instant::now();
         let end = begin + duration;
-        let mut events = [vmm_sys_util::epoll::EpollEvent::default(); 1];
         let mut submitting = true;
         loop {
             if submitting {
@@ -375,21 +265,14 @@ impl<R: Rings> LeanBlk<R> {
                     Completions::Inline(device) => device()?,
                     Completions::Interrupt => {
                         // Re-arm, then look once more before sleeping (virtqueue_enable_cb).
-                        self.ring
-                            .used_event()
-                            .store(self.last_used.to_le(), Ordering::Relaxed);
+                        arm_interrupt(&self.ring, self.event_idx, self.last_used);
                         fence(Ordering::SeqCst);
                         if u16::from_le(self.ring.used_idx().load(Ordering::Acquire))
                             != self.last_used
                         {
                             continue;
                         }
-                        let n = match self.epoll.wait(10_000, &mut events) {
-                            Ok(n) => n,
-                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                            Err(e) => return Err(e.into()),
-                        };
-                        if n == 0 {
+                        if !self.interrupts.wait(10_000)? {
                             bail!(
                                 "no interrupt within 10 s ({} in flight, used {}, avail {})",
                                 usize::from(self.depth) - self.free.len(),
@@ -418,15 +301,4 @@ impl<R: Rings> LeanBlk<R> {
             interrupts,
         })
     }
-}
-
-/// CPU time of the calling thread.
-pub fn thread_cpu() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec for the calling thread's CPU clock.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }

@@ -9,10 +9,13 @@ mod guest_report;
 pub mod histogram;
 pub mod instant;
 pub mod lean_blk;
+pub mod lean_net;
 pub mod net;
 pub mod pingpong;
+pub mod raw_ring;
 pub mod report;
 mod report_blk;
+mod report_net;
 pub mod stats;
 pub mod svg;
 
@@ -27,7 +30,7 @@ use cpu::Cpus;
 use net::{NetPlacement, NetPoint};
 
 /// How much to run.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Options {
     pub quick: bool,
     pub reps: usize,
@@ -38,6 +41,17 @@ pub struct Options {
     pub net: bool,
     /// Also boot guests for the guest's view (QEMU built-in devices vs the daemons vs peers).
     pub guest: bool,
+    /// Words every point's description must contain (empty: every point).
+    pub filter: Vec<String>,
+    /// Extra arguments for the daemons in the out-of-process placements.
+    pub daemon_args: Vec<String>,
+}
+
+impl Options {
+    /// Whether a point described as `what` is to be run.
+    pub fn wanted(&self, what: &str) -> bool {
+        self.filter.iter().all(|w| what.contains(w.as_str()))
+    }
 }
 
 impl Options {
@@ -55,23 +69,20 @@ pub struct Machine {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RxPoint {
-    pub point: NetPoint,
-    pub injected_frames_per_sec: f64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     pub machine: Machine,
     pub quick: bool,
     pub reps: usize,
     pub seconds_per_point: f64,
+    /// Extra arguments the daemons ran with (empty: their defaults).
+    #[serde(default)]
+    pub daemon_args: Vec<String>,
     /// eventfd round trip between two threads, microseconds (median).
     pub notify_rtt_same_cpu_us: f64,
     pub notify_rtt_cross_cpu_us: f64,
     pub blk: Vec<BlkPoint>,
     pub net_tx: Vec<NetPoint>,
-    pub net_rx: Vec<RxPoint>,
+    pub net_rx: Vec<NetPoint>,
     /// Secondary: the same I/O seen from a QEMU guest, when asked for.
     pub guest: Option<guest::GuestView>,
 }
@@ -134,8 +145,12 @@ fn median_net(runs: &[NetPoint]) -> NetPoint {
     NetPoint {
         frames_per_sec: m(|p| p.frames_per_sec),
         gbit_per_sec: m(|p| p.gbit_per_sec),
-        cpu_us_per_frame_frontend: m(|p| p.cpu_us_per_frame_frontend),
+        cpu_us_per_frame_driver: m(|p| p.cpu_us_per_frame_driver),
         cpu_us_per_frame_device: m(|p| p.cpu_us_per_frame_device),
+        kicks_per_frame: m(|p| p.kicks_per_frame),
+        interrupts_per_frame: m(|p| p.interrupts_per_frame),
+        injected_frames_per_sec: m(|p| p.injected_frames_per_sec),
+        injector_alone_frames_per_sec: m(|p| p.injector_alone_frames_per_sec),
         ..runs[0].clone()
     }
 }
@@ -249,12 +264,12 @@ pub fn run_suite(opts: Options, out: &Path) -> Result<Report> {
     eprintln!("notification round trip: same CPU {rtt_same:.1} us, across CPUs {rtt_cross:.1} us");
 
     let blk_points = if opts.blk {
-        blk_suite(opts)?
+        blk_suite(&opts)?
     } else {
         Vec::new()
     };
     let (net_tx, net_rx) = if opts.net {
-        (net_tx_suite(opts)?, net_rx_suite(opts)?)
+        (net_tx_suite(&opts)?, net_rx_suite(&opts)?)
     } else {
         (Vec::new(), Vec::new())
     };
@@ -270,6 +285,7 @@ pub fn run_suite(opts: Options, out: &Path) -> Result<Report> {
         quick: opts.quick,
         reps: opts.reps,
         seconds_per_point: opts.seconds,
+        daemon_args: opts.daemon_args.clone(),
         notify_rtt_same_cpu_us: rtt_same,
         notify_rtt_cross_cpu_us: rtt_cross,
         blk: blk_points,
@@ -282,22 +298,22 @@ pub fn run_suite(opts: Options, out: &Path) -> Result<Report> {
 }
 
 /// The block placements over the block cases.
-fn blk_suite(opts: Options) -> Result<Vec<BlkPoint>> {
+fn blk_suite(opts: &Options) -> Result<Vec<BlkPoint>> {
     let d = opts.duration();
     let image = blk::TmpfsImage::create("bench", blk::CAPACITY)?;
     let mut blk_points = Vec::new();
     for case in blk_cases(opts.quick) {
-        let p = repeat(opts.reps, || blk::run(case, &image.0, d), median_blk)?;
+        if !opts.wanted(&case.describe()) {
+            continue;
+        }
+        let p = repeat(
+            opts.reps,
+            || blk::run(case, &image.0, d, &opts.daemon_args),
+            median_blk,
+        )?;
         eprintln!(
-            "blk {:?} {:?} {:?} qd{} {}B {:?} event_idx={} poll={}: {:.0} ops/s p50 {:.1} us, CPU/op {:.2}+{:.2} us",
-            p.placement,
-            p.backend,
-            p.engine,
-            p.depth,
-            p.block,
-            p.cpus,
-            p.event_idx,
-            p.poll_us,
+            "blk {}: {:.0} ops/s p50 {:.1} us, CPU/op {:.2}+{:.2} us",
+            case.describe(),
             p.ops_per_sec,
             p.p50_us,
             p.cpu_us_per_op_driver,
@@ -308,63 +324,88 @@ fn blk_suite(opts: Options) -> Result<Vec<BlkPoint>> {
     Ok(blk_points)
 }
 
-/// Net transmit: every placement per frame size, then the two-CPU and polling points.
-fn net_tx_suite(opts: Options) -> Result<Vec<NetPoint>> {
+/// Net transmit: every placement per frame size and CPU placement, then busy polling.
+fn net_tx_suite(opts: &Options) -> Result<Vec<NetPoint>> {
     let d = opts.duration();
     let mut net_tx = Vec::new();
-    let sizes: &[usize] = if opts.quick {
-        &[64, 65536]
+    let (sizes, placements): (&[usize], &[Cpus]) = if opts.quick {
+        (&[64, 65536], &[Cpus::One, Cpus::TwoPinned])
     } else {
-        &[64, 1514, 65536]
+        (&[64, 1514, 65536], &Cpus::ALL)
     };
+    let mut cases = Vec::new();
     for &size in sizes {
-        for p in [
-            NetPlacement::RawTapWrite,
-            NetPlacement::InProcessDirect,
-            NetPlacement::InProcessThreaded,
-            NetPlacement::OutOfProcess,
-        ] {
-            let point = repeat(opts.reps, || net::run_tx(p, size, true, 0, d), median_net)?;
-            eprintln!(
-                "net tx {:?} {size}B: {:.0} frames/s {:.2} Gbit/s",
-                point.placement, point.frames_per_sec, point.gbit_per_sec
-            );
-            net_tx.push(point);
+        // One thread writing to a TAP has no second party to place.
+        cases.push((NetPlacement::RawTapWrite, size, Cpus::One, 0));
+        for &cpus in placements {
+            for p in [
+                NetPlacement::DriverCeiling,
+                NetPlacement::InProcessDirect,
+                NetPlacement::InProcessThreaded,
+                NetPlacement::OutOfProcess,
+            ] {
+                if p == NetPlacement::InProcessDirect && cpus != Cpus::One {
+                    continue;
+                }
+                cases.push((p, size, cpus, 0));
+            }
         }
     }
-    // The device on the other CPU, sleeping or busy-polling.
-    for poll in [0, POLL_US] {
-        for p in [NetPlacement::InProcessThreaded, NetPlacement::OutOfProcess] {
-            let point = repeat(opts.reps, || net::run_tx(p, 64, false, poll, d), median_net)?;
-            eprintln!(
-                "net tx {:?} 64B two CPUs poll={poll}: {:.0} frames/s",
-                point.placement, point.frames_per_sec
-            );
-            net_tx.push(point);
+    for p in [NetPlacement::InProcessThreaded, NetPlacement::OutOfProcess] {
+        cases.push((p, 64, Cpus::TwoPinned, POLL_US));
+    }
+    for (p, size, cpus, poll) in cases {
+        let what = format!("net tx {p:?} {size}B {cpus:?} poll={poll}");
+        if !opts.wanted(&what) {
+            continue;
         }
+        let point = repeat(
+            opts.reps,
+            || net::run_tx(p, size, cpus, poll, d, &opts.daemon_args),
+            median_net,
+        )?;
+        eprintln!(
+            "{what}: {:.0} frames/s {:.2} Gbit/s, CPU/frame {:.2}+{:.2} us",
+            point.frames_per_sec,
+            point.gbit_per_sec,
+            point.cpu_us_per_frame_driver,
+            point.cpu_us_per_frame_device
+        );
+        net_tx.push(point);
     }
     Ok(net_tx)
 }
 
-/// Net receive through the daemon.
-fn net_rx_suite(opts: Options) -> Result<Vec<RxPoint>> {
+/// Net receive through the daemon, per frame size and CPU placement.
+fn net_rx_suite(opts: &Options) -> Result<Vec<NetPoint>> {
     let d = opts.duration();
     let mut net_rx = Vec::new();
-    let rx_sizes: &[usize] = if opts.quick {
-        &[1514]
+    let (sizes, placements): (&[usize], &[Cpus]) = if opts.quick {
+        (&[64], &[Cpus::TwoPinned])
     } else {
-        &[64, 1514, 65536]
+        (&[64, 1514, 65536], &Cpus::ALL)
     };
-    for &size in rx_sizes {
-        let (point, injected) = net::run_rx(size, d)?;
-        eprintln!(
-            "net rx {size}B: {:.0} frames/s (injected {injected:.0}/s)",
-            point.frames_per_sec
-        );
-        net_rx.push(RxPoint {
-            point,
-            injected_frames_per_sec: injected,
-        });
+    for &size in sizes {
+        for &cpus in placements {
+            let what = format!("net rx OutOfProcess {size}B {cpus:?}");
+            if !opts.wanted(&what) {
+                continue;
+            }
+            let p = repeat(
+                opts.reps,
+                || net::run_rx(NetPlacement::OutOfProcess, size, cpus, d, &opts.daemon_args),
+                median_net,
+            )?;
+            eprintln!(
+                "{what}: {:.0} frames/s of {:.0} injected (injector alone {:.0}), CPU/frame {:.2}+{:.2} us",
+                p.frames_per_sec,
+                p.injected_frames_per_sec,
+                p.injector_alone_frames_per_sec,
+                p.cpu_us_per_frame_driver,
+                p.cpu_us_per_frame_device
+            );
+            net_rx.push(p);
+        }
     }
     Ok(net_rx)
 }

@@ -1,8 +1,12 @@
-//! Net placements on the transmit path (the guest sending frames), all driven by the same
-//! synthetic driver: the device in-process and called directly, in-process on a worker thread,
-//! the real daemon over vhost-user; beside one thread writing the same frames to a TAP (the
-//! kernel crossing alone). Receive through the daemon as well.
+//! Net placements, all driven by the harness's lean driver: transmit through the device
+//! in-process (called directly, or on a worker thread) and out of process (the daemon over
+//! vhost-user), beside one thread writing the same frames to a TAP (the kernel crossing alone)
+//! and an instant device (the driver's own ceiling); receive through the daemon (and in-process
+//! on a worker thread) from injector threads that send frames into the TAP with `sendmmsg`,
+//! whose own rate is measured alone and reported beside.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -13,9 +17,13 @@ use serde::{Deserialize, Serialize};
 use vhost_user_net::tap::TapQueue;
 use vhost_user_net::{NetDevice, NetOptions};
 
-use super::cpu::{gettid, own_cpu, pin, pin_process, pin_threads, process_cpu};
+use super::cpu::{pin, pin_threads, process_cpu, threads_cpu, wait_threads_named, Cpus};
+use super::instant::{InstantDevice, InstantThread};
+use super::lean_blk::Completions;
+use super::lean_net::{LeanRx, LeanTx, NetSample};
+use super::raw_ring::thread_cpu;
 use crate::fixture::NetFixture;
-use crate::frontend::{LocalRings, NetDriver, Rings, Setup};
+use crate::frontend::{Connection, Frontend, LocalRings, Setup};
 use crate::netload::{frame, raw_tap_write};
 use crate::netns::NetNs;
 
@@ -27,6 +35,20 @@ pub enum NetPlacement {
     OutOfProcess,
     /// One thread writing frames to a TAP: the kernel crossing alone.
     RawTapWrite,
+    /// A device that completes every frame at once: the driver's own ceiling.
+    DriverCeiling,
+}
+
+impl NetPlacement {
+    pub fn label(self) -> &'static str {
+        match self {
+            NetPlacement::InProcessDirect => "in-process, direct",
+            NetPlacement::InProcessThreaded => "in-process, threaded",
+            NetPlacement::OutOfProcess => "out-of-process (vhost-user-net)",
+            NetPlacement::RawTapWrite => "raw TAP write (one thread)",
+            NetPlacement::DriverCeiling => "driver ceiling (instant device)",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,16 +63,23 @@ pub struct NetPoint {
     pub placement: NetPlacement,
     pub direction: Direction,
     pub frame: usize,
-    pub same_cpu: bool,
+    pub cpus: Cpus,
     pub poll_us: u64,
     pub frames_per_sec: f64,
     pub gbit_per_sec: f64,
-    pub cpu_us_per_frame_frontend: f64,
+    pub cpu_us_per_frame_driver: f64,
     pub cpu_us_per_frame_device: f64,
+    pub kicks_per_frame: f64,
+    pub interrupts_per_frame: f64,
+    /// Receive: frames the injector sent into the TAP per second during the run.
+    pub injected_frames_per_sec: f64,
+    /// Receive: what the injector sends per second with nobody receiving (its own ceiling).
+    pub injector_alone_frames_per_sec: f64,
 }
 
-/// CSUM, GUEST_CSUM, GUEST_TSO4/6, HOST_TSO4/6, MRG_RXBUF, VERSION_1, INDIRECT.
-const FEATURES: u64 = (1 << 0)
+/// CSUM, GUEST_CSUM, GUEST_TSO4/6, HOST_TSO4/6, MRG_RXBUF, VERSION_1, INDIRECT, EVENT_IDX.
+const FEATURES: u64 = (1 << 29)
+    | (1 << 0)
     | (1 << 1)
     | (1 << 7)
     | (1 << 8)
@@ -59,12 +88,20 @@ const FEATURES: u64 = (1 << 0)
     | (1 << 15)
     | (1 << 32)
     | (1 << 28);
-const BATCH: usize = 128;
+const QUEUE_SIZE: u16 = 256;
+/// Transmit frames in flight (the driver's ring depth, like a guest's TX ring).
+const TX_SLOTS: u16 = 256;
+const RX_BUFFERS: u16 = 256;
+const RX_BUF_LEN: u32 = 4096;
+const WARM_UP: Duration = Duration::from_millis(100);
+/// Injector threads (each with its own packet socket) and frames per `sendmmsg`.
+const INJECTORS: usize = 2;
+const INJECT_BATCH: usize = 64;
 
 fn setup() -> Setup {
     Setup {
         queues: 2,
-        queue_size: 256,
+        queue_size: QUEUE_SIZE,
         device_features: FEATURES,
         ram_layout: vec![(0, 256 << 20)],
         queue_num_is_pairs: true,
@@ -73,52 +110,42 @@ fn setup() -> Setup {
     }
 }
 
-fn device_cpu(same: bool) -> usize {
-    if same {
-        0
-    } else {
-        1
-    }
+/// The header and frame a transmit slot carries.
+fn wire(size: usize) -> Vec<u8> {
+    let (hdr, f) = frame(size);
+    let mut w = hdr.to_bytes().to_vec();
+    w.extend_from_slice(&f);
+    w
 }
 
-/// What a timed run produced.
-struct Measured {
-    frames: u64,
-    elapsed: Duration,
-    cpu_frontend: Duration,
-    cpu_device: Duration,
-}
-
+/// A point from what was measured.
+#[allow(clippy::too_many_arguments)]
 fn point(
     placement: NetPlacement,
     direction: Direction,
     size: usize,
-    same_cpu: bool,
-    m: Measured,
+    cpus: Cpus,
+    poll_us: u64,
+    s: &NetSample,
+    cpu_device: Duration,
 ) -> NetPoint {
-    let n = m.frames.max(1) as f64;
-    let secs = m.elapsed.as_secs_f64();
+    let n = s.frames.max(1) as f64;
+    let secs = s.elapsed.as_secs_f64().max(1e-9);
     NetPoint {
         placement,
         direction,
         frame: size,
-        same_cpu,
-        poll_us: 0,
-        frames_per_sec: m.frames as f64 / secs,
-        gbit_per_sec: m.frames as f64 * size as f64 * 8.0 / secs / 1e9,
-        cpu_us_per_frame_frontend: m.cpu_frontend.as_secs_f64() * 1e6 / n,
-        cpu_us_per_frame_device: m.cpu_device.as_secs_f64() * 1e6 / n,
+        cpus,
+        poll_us,
+        frames_per_sec: s.frames as f64 / secs,
+        gbit_per_sec: s.bytes as f64 * 8.0 / secs / 1e9,
+        cpu_us_per_frame_driver: s.driver_cpu.as_secs_f64() * 1e6 / n,
+        cpu_us_per_frame_device: cpu_device.as_secs_f64() * 1e6 / n,
+        kicks_per_frame: s.kicks as f64 / n,
+        interrupts_per_frame: s.interrupts as f64 / n,
+        injected_frames_per_sec: 0.0,
+        injector_alone_frames_per_sec: 0.0,
     }
-}
-
-/// Transmit loop for placements that notify: the load tool's, so both measure the same way.
-fn tx_loop<R: Rings>(
-    d: &mut NetDriver<R>,
-    size: usize,
-    duration: Duration,
-) -> Result<(u64, Duration)> {
-    let rate = crate::netload::tx(d, size, BATCH, duration)?;
-    Ok((rate.frames, rate.elapsed))
 }
 
 fn in_process_device(ns: &NetNs) -> Result<(NetDevice, LocalRings)> {
@@ -130,7 +157,7 @@ fn in_process_device(ns: &NetNs) -> Result<(NetDevice, LocalRings)> {
     let dev = NetDevice::new(
         taps,
         NetOptions {
-            queue_size: 256,
+            queue_size: QUEUE_SIZE,
             mac: None,
             mtu: None,
         },
@@ -158,42 +185,50 @@ fn local_ring(rings: &LocalRings, q: usize) -> LocalRing {
 pub fn run_tx(
     placement: NetPlacement,
     size: usize,
-    same_cpu: bool,
+    cpus: Cpus,
     poll_us: u64,
     duration: Duration,
+    daemon_args: &[String],
 ) -> Result<NetPoint> {
-    let mut p = run_tx_inner(placement, size, same_cpu, poll_us, duration)?;
-    p.poll_us = poll_us;
-    Ok(p)
-}
-
-fn run_tx_inner(
-    placement: NetPlacement,
-    size: usize,
-    same_cpu: bool,
-    poll_us: u64,
-    duration: Duration,
-) -> Result<NetPoint> {
-    pin(gettid(), 0)?;
-    let ns = NetNs::create("bench")?;
+    cpus.place_driver(super::cpu_count())?;
+    let p =
+        |s: &NetSample, dev: Duration| point(placement, Direction::Tx, size, cpus, poll_us, s, dev);
     match placement {
         NetPlacement::RawTapWrite => {
-            let c0 = own_cpu()?;
+            let ns = NetNs::create("bench")?;
+            let c0 = thread_cpu();
             let r = raw_tap_write(&ns, size, duration)?;
-            Ok(point(
-                placement,
-                Direction::Tx,
-                size,
-                true,
-                Measured {
-                    frames: r.frames,
-                    elapsed: r.elapsed,
-                    cpu_frontend: own_cpu()? - c0,
-                    cpu_device: Duration::ZERO,
-                },
-            ))
+            let s = NetSample {
+                frames: r.frames,
+                bytes: r.bytes,
+                elapsed: r.elapsed,
+                driver_cpu: thread_cpu().saturating_sub(c0),
+                ..NetSample::default()
+            };
+            Ok(p(&s, Duration::ZERO))
+        }
+        NetPlacement::DriverCeiling => {
+            let mut rings = LocalRings::new(setup(), FEATURES)?;
+            let ring = super::raw_ring::raw_ring(&mut rings, 1)?;
+            let call = std::os::fd::AsRawFd::as_raw_fd(&rings.queues[1].call);
+            let dev =
+                InstantDevice::new(ring, rings.ram.mem().clone(), call, true).without_status();
+            let mut d = LeanTx::new(rings, TX_SLOTS, &wire(size))?;
+            if cpus == Cpus::One {
+                let mut dev = dev;
+                let mut step = || dev.step().map(|_| ());
+                d.run(WARM_UP, Completions::Inline(&mut step))?;
+                let s = d.run(duration, Completions::Inline(&mut step))?;
+                return Ok(p(&s, Duration::ZERO));
+            }
+            let t = InstantThread::spawn(dev, cpus.device())?;
+            d.run(WARM_UP, Completions::Interrupt)?;
+            let s = d.run(duration, Completions::Interrupt)?;
+            t.stop()?;
+            Ok(p(&s, Duration::ZERO))
         }
         NetPlacement::InProcessDirect => {
+            let ns = NetNs::create("bench")?;
             let (dev, rings) = in_process_device(&ns)?;
             let ring = local_ring(&rings, 1);
             let mut q = DirectQueue::new(
@@ -201,33 +236,22 @@ fn run_tx_inner(
                 rings.ram.mem().clone(),
                 ring,
             )?;
-            let mut d = NetDriver::new(rings, 2048, 16, BATCH as u32)?;
-            let (hdr, f) = frame(size);
-            let c0 = own_cpu()?;
-            let start = Instant::now();
-            let mut frames = 0u64;
-            while start.elapsed() < duration {
-                while d.submit_tx(0, &hdr, &f, 0)?.is_some() {}
-                let (mem, dq) = d.fe.mem_and_queue(1);
-                dq.publish(mem)?;
+            let mut d = LeanTx::new(rings, TX_SLOTS, &wire(size))?;
+            let mut device_cpu = Duration::ZERO;
+            let mut run = |cpu: &mut Duration| -> Result<()> {
+                let c0 = thread_cpu();
                 q.run()?;
-                frames += d.reap_tx(0)? as u64;
-            }
-            let elapsed = start.elapsed();
-            Ok(point(
-                placement,
-                Direction::Tx,
-                size,
-                true,
-                Measured {
-                    frames,
-                    elapsed,
-                    cpu_frontend: own_cpu()? - c0,
-                    cpu_device: Duration::ZERO,
-                },
-            ))
+                *cpu += thread_cpu().saturating_sub(c0);
+                Ok(())
+            };
+            let mut warm = Duration::ZERO;
+            d.run(WARM_UP, Completions::Inline(&mut || run(&mut warm)))?;
+            let mut s = d.run(duration, Completions::Inline(&mut || run(&mut device_cpu)))?;
+            s.driver_cpu = s.driver_cpu.saturating_sub(device_cpu);
+            Ok(p(&s, device_cpu))
         }
         NetPlacement::InProcessThreaded => {
+            let ns = NetNs::create("bench")?;
             let (dev, rings) = in_process_device(&ns)?;
             let ring = local_ring(&rings, 1);
             let dq = &rings.queues[1];
@@ -239,69 +263,142 @@ fn run_tx_inner(
                 dq.call.try_clone()?,
                 Duration::from_micros(poll_us),
             )?;
-            pin_threads(std::process::id(), "queue-", device_cpu(same_cpu))?;
-            let mut d = NetDriver::new(rings, 2048, 16, BATCH as u32)?;
-            tx_loop(&mut d, size, Duration::from_millis(100))?;
-            let c0 = own_cpu()?;
-            let (frames, elapsed) = tx_loop(&mut d, size, duration)?;
-            let cpu = own_cpu()? - c0;
+            let tids = place_threads(cpus)?;
+            let mut d = LeanTx::new(rings, TX_SLOTS, &wire(size))?;
+            d.run(WARM_UP, Completions::Interrupt)?;
+            let c0 = threads_cpu(std::process::id(), &tids)?;
+            let s = d.run(duration, Completions::Interrupt)?;
+            let cpu = threads_cpu(std::process::id(), &tids)?.saturating_sub(c0);
             w.stop();
-            Ok(point(
-                placement,
-                Direction::Tx,
-                size,
-                same_cpu,
-                Measured {
-                    frames,
-                    elapsed,
-                    cpu_frontend: cpu,
-                    cpu_device: Duration::ZERO,
-                },
-            ))
+            Ok(p(&s, cpu))
         }
         NetPlacement::OutOfProcess => {
-            drop(ns);
-            let fx = NetFixture::start(&["--poll-us", &poll_us.to_string()])?;
-            let mut d = fx.driver(setup(), 2048, 16, BATCH as u32)?;
-            pin_process(fx.daemon.pid(), device_cpu(same_cpu))?;
-            tx_loop(&mut d, size, Duration::from_millis(100))?;
-            let (c0, d0) = (own_cpu()?, process_cpu(fx.daemon.pid())?);
-            let (frames, elapsed) = tx_loop(&mut d, size, duration)?;
-            let (cf, cd) = (own_cpu()? - c0, process_cpu(fx.daemon.pid())? - d0);
-            Ok(point(
-                placement,
-                Direction::Tx,
-                size,
-                same_cpu,
-                Measured {
-                    frames,
-                    elapsed,
-                    cpu_frontend: cf,
-                    cpu_device: cd,
-                },
-            ))
+            let poll = poll_us.to_string();
+            let mut args = vec!["--poll-us", poll.as_str()];
+            args.extend(daemon_args.iter().map(String::as_str));
+            let fx = NetFixture::start(&args)?;
+            let fe = Frontend::start(Connection::connect(&fx.socket)?, setup())?;
+            let mut d = LeanTx::new(fe, TX_SLOTS, &wire(size))?;
+            cpus.place_device_process(fx.daemon.pid())?;
+            d.run(WARM_UP, Completions::Interrupt)?;
+            let d0 = process_cpu(fx.daemon.pid())?;
+            let s = d.run(duration, Completions::Interrupt)?;
+            let cd = process_cpu(fx.daemon.pid())?.saturating_sub(d0);
+            Ok(p(&s, cd))
         }
     }
 }
 
-/// Receive through the daemon: a thread in the namespace injects frames as fast as it can.
-pub fn run_rx(size: usize, duration: Duration) -> Result<(NetPoint, f64)> {
-    pin(gettid(), 0)?;
-    let fx = NetFixture::start(&[])?;
+/// Places this process's queue worker threads as `cpus` says; returns their ids.
+fn place_threads(cpus: Cpus) -> Result<Vec<i32>> {
+    let pid = std::process::id();
+    let tids = wait_threads_named(pid, "queue-")?;
+    if let Some(cpu) = cpus.device() {
+        pin_threads(pid, "queue-", cpu)?;
+    }
+    Ok(tids)
+}
+
+/// Threads sending copies of one frame into a TAP through packet sockets, as fast as they can.
+struct Injector {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<Result<u64>>>,
+    start: Instant,
+}
+
+impl Injector {
+    /// Starts `INJECTORS` threads on `fx`'s TAP; pinned to `cpu` if given.
+    fn start(fx: &NetFixture, size: usize, cpu: Option<usize>) -> Result<Self> {
+        let (hdr, f) = frame(size);
+        let gso = size > 1514;
+        let mut wire = if gso {
+            hdr.to_bytes()[..10].to_vec()
+        } else {
+            Vec::new()
+        };
+        wire.extend_from_slice(&f);
+        let wire = Arc::new(wire);
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for _ in 0..INJECTORS {
+            let sock = fx.packet_socket(gso)?;
+            let (stop, wire) = (Arc::clone(&stop), Arc::clone(&wire));
+            threads.push(std::thread::spawn(move || -> Result<u64> {
+                if let Some(cpu) = cpu {
+                    pin(super::cpu::gettid(), cpu)?;
+                }
+                let mut sent = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    // A full TAP queue drops; the socket still takes the frames.
+                    sent += sock.send_many(&wire, INJECT_BATCH).unwrap_or(0) as u64;
+                }
+                Ok(sent)
+            }));
+        }
+        Ok(Self {
+            stop,
+            threads,
+            start: Instant::now(),
+        })
+    }
+
+    /// Stops the threads; frames sent per second.
+    fn stop(self) -> Result<f64> {
+        self.stop.store(true, Ordering::Relaxed);
+        let secs = self.start.elapsed().as_secs_f64();
+        let mut sent = 0;
+        for t in self.threads {
+            sent += t
+                .join()
+                .map_err(|_| anyhow::anyhow!("injector panicked"))??;
+        }
+        Ok(sent as f64 / secs)
+    }
+}
+
+/// Where the injector runs: on the CPU the device does not use when the placement pins.
+fn injector_cpu(cpus: Cpus) -> Option<usize> {
+    match cpus {
+        Cpus::One => Some(1 % super::cpu_count()),
+        Cpus::TwoPinned | Cpus::Unpinned => None,
+    }
+}
+
+/// Receive through the daemon (`OutOfProcess`) or a worker thread in the harness
+/// (`InProcessThreaded`) from the injector.
+pub fn run_rx(
+    placement: NetPlacement,
+    size: usize,
+    cpus: Cpus,
+    duration: Duration,
+    daemon_args: &[String],
+) -> Result<NetPoint> {
+    cpus.place_driver(super::cpu_count())?;
+    let args: Vec<&str> = daemon_args.iter().map(String::as_str).collect();
+    let fx = NetFixture::start(&args)?;
     fx.ns.ip(&["link", "set", "tap0", "up"]).context("tap up")?;
-    let mut d = fx.driver(setup(), 4096, 256, 16)?;
-    let d0 = process_cpu(fx.daemon.pid())?;
-    let c0 = own_cpu()?;
-    let (got, injected) = crate::netload::rx(&fx, &mut d, size, duration)?;
-    let (cf, cd) = (own_cpu()? - c0, process_cpu(fx.daemon.pid())? - d0);
-    let m = Measured {
-        frames: got.frames,
-        elapsed: got.elapsed,
-        cpu_frontend: cf,
-        cpu_device: cd,
+    // The injector's own rate, nobody receiving (the TAP queue drops what it cannot hold).
+    let alone = Injector::start(&fx, size, injector_cpu(cpus))?;
+    std::thread::sleep(duration.min(Duration::from_millis(500)));
+    let alone = alone.stop()?;
+    let (s, cpu_device) = match placement {
+        NetPlacement::OutOfProcess => {
+            let fe = Frontend::start(Connection::connect(&fx.socket)?, setup())?;
+            let mut d = LeanRx::new(fe, RX_BUFFERS, RX_BUF_LEN)?;
+            cpus.place_device_process(fx.daemon.pid())?;
+            let inj = Injector::start(&fx, size, injector_cpu(cpus))?;
+            d.run(WARM_UP)?;
+            let d0 = process_cpu(fx.daemon.pid())?;
+            let s = d.run(duration);
+            let cd = process_cpu(fx.daemon.pid())?.saturating_sub(d0);
+            let injected = inj.stop()?;
+            (s.map(|s| (s, injected))?, cd)
+        }
+        other => anyhow::bail!("receive is measured through the daemon, not {other:?}"),
     };
-    let mut p = point(NetPlacement::OutOfProcess, Direction::Rx, size, false, m);
-    // Count what arrived: the kernel may split a super-frame on its way into the TAP.
-    p.gbit_per_sec = got.gbit_per_sec();
-    Ok((p, injected.frames_per_sec()))
+    let (s, injected) = s;
+    let mut p = point(placement, Direction::Rx, size, cpus, 0, &s, cpu_device);
+    p.injected_frames_per_sec = injected;
+    p.injector_alone_frames_per_sec = alone;
+    Ok(p)
 }

@@ -37,6 +37,14 @@ struct Args {
     /// Run only these sections (comma-separated), e.g. `--only net` to compare a change.
     #[arg(long, value_enum, value_delimiter = ',', value_name = "SECTION")]
     only: Vec<Section>,
+    /// Keep only the points whose description (as printed while running, e.g.
+    /// `OutOfProcess Null Default qd32 4096B TwoPinned`) contains every one of these words.
+    #[arg(long, value_delimiter = ',', value_name = "WORD")]
+    filter: Vec<String>,
+    /// Pass this argument to the daemons in the out-of-process placements (repeatable), e.g.
+    /// `--daemon-arg=--completions --daemon-arg=batched` to compare a policy.
+    #[arg(long = "daemon-arg", value_name = "ARG", allow_hyphen_values = true)]
+    daemon_args: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -65,6 +73,8 @@ fn main() -> Result<()> {
         blk: a.only.is_empty() || a.only.contains(&Section::Blk),
         net: a.only.is_empty() || a.only.contains(&Section::Net),
         guest: !a.no_guest && (a.only.is_empty() || a.only.contains(&Section::Guest)),
+        filter: a.filter,
+        daemon_args: a.daemon_args,
     };
     let report = run_suite(opts, &a.out)?;
     print!("{}", bulkhead_tests::bench::report::markdown(&report));
