@@ -16,6 +16,7 @@
 pub mod capabilities;
 pub mod cli;
 pub mod device;
+pub mod guest_access;
 pub mod inflight;
 pub mod local;
 pub mod logging;

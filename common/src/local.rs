@@ -11,6 +11,7 @@ use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::{Progress, QueueCtx, QueueHandler};
+use crate::guest_access::GuestAccess;
 use crate::memory::GuestMemory;
 use crate::notify::Signal;
 use crate::pipeline::Pipeline;
@@ -40,7 +41,7 @@ pub struct DirectQueue<H: QueueHandler> {
     ring: SplitRing,
     tracking: Tracking,
     pipeline: Pipeline,
-    mem: Arc<GuestMemory>,
+    mem: GuestAccess,
     call: Signal,
 }
 
@@ -52,7 +53,7 @@ impl<H: QueueHandler> DirectQueue<H> {
             ring,
             tracking: Tracking::default(),
             pipeline: Pipeline::adaptive(),
-            mem: Arc::new(mem),
+            mem: GuestAccess::new(Arc::new(mem)),
             call: Signal::new(),
         })
     }
@@ -115,6 +116,7 @@ impl ThreadedQueue {
             tracking: Tracking::default(),
             poll,
             pipeline: Pipeline::adaptive(),
+            view: None,
         };
         Ok(Self {
             worker: Some(Worker::spawn(spec).map_err(LocalError::Spawn)?),

@@ -5,6 +5,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use crate::guest_access::GuestAccess;
 use crate::inflight::InflightQueue;
 use crate::memory::GuestMemory;
 use crate::notify::Signal;
@@ -27,7 +28,7 @@ fn tracking_error(e: crate::inflight::InflightError) -> RingError {
 
 #[derive(Debug)]
 pub struct QueueCtx<'a> {
-    mem: &'a Arc<GuestMemory>,
+    mem: &'a GuestAccess,
     ring: &'a mut SplitRing,
     tracking: &'a mut Tracking,
     pipeline: &'a mut Pipeline,
@@ -38,7 +39,7 @@ pub struct QueueCtx<'a> {
 
 impl<'a> QueueCtx<'a> {
     pub(crate) fn new(
-        mem: &'a Arc<GuestMemory>,
+        mem: &'a GuestAccess,
         ring: &'a mut SplitRing,
         tracking: &'a mut Tracking,
         pipeline: &'a mut Pipeline,
@@ -55,14 +56,14 @@ impl<'a> QueueCtx<'a> {
     }
 
     /// Guest memory for this pass.
-    pub fn mem(&self) -> &GuestMemory {
+    pub fn mem(&self) -> &GuestAccess {
         self.mem
     }
 
     /// A reference to guest memory that keeps the current mappings alive, for requests that
     /// outlive this pass (asynchronous I/O).
     pub fn mem_arc(&self) -> Arc<GuestMemory> {
-        Arc::clone(self.mem)
+        Arc::clone(self.mem.snapshot())
     }
 
     /// Takes the next chain (first those owed from before a restart, then new available ones);

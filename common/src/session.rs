@@ -699,6 +699,7 @@ impl<D: Device> Session<D> {
             tracking,
             poll: self.opts.poll,
             pipeline: crate::pipeline::Pipeline::new(self.opts.completions),
+            view: None,
         };
         match Worker::spawn(spec) {
             Ok(w) => {

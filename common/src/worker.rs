@@ -13,6 +13,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::{Progress, QueueCtx, QueueHandler};
+use crate::guest_access::GuestAccess;
 use crate::guest_warn;
 use crate::memory::GuestMemory;
 use crate::notify::Signal;
@@ -56,6 +57,21 @@ pub(crate) struct WorkerSpec<H> {
     pub poll: Duration,
     /// When completions are published.
     pub pipeline: Pipeline,
+    /// The fast view of the current guest memory snapshot, rebuilt when the snapshot changes.
+    pub view: Option<Arc<GuestAccess>>,
+}
+
+/// The view of the snapshot `spec.mem` holds now (rebuilt only when the table changed).
+fn view<H>(spec: &mut WorkerSpec<H>) -> Arc<GuestAccess> {
+    let mem = spec.mem.memory().into_inner();
+    match &spec.view {
+        Some(v) if v.is_of(&mem) => Arc::clone(v),
+        _ => {
+            let v = Arc::new(GuestAccess::new(mem));
+            spec.view = Some(Arc::clone(&v));
+            v
+        }
+    }
 }
 
 /// A running worker.
@@ -153,7 +169,7 @@ fn poll<H: QueueHandler>(
     let mut deadline = Instant::now() + spec.poll;
     let mut spins: u32 = 0;
     loop {
-        let mem = spec.mem.memory().into_inner();
+        let mem = view(spec);
         let work = spec
             .ring
             .suppress_notifications(&mem)
@@ -211,7 +227,7 @@ fn poll<H: QueueHandler>(
 /// One handler pass without touching the guest's kick suppression.
 fn process_once<H: QueueHandler>(
     spec: &mut WorkerSpec<H>,
-    mem: &Arc<GuestMemory>,
+    mem: &GuestAccess,
 ) -> Result<(), RingError> {
     let mut ctx = QueueCtx::new(
         mem,
@@ -227,7 +243,7 @@ fn process_once<H: QueueHandler>(
 /// Runs the handler until the ring is empty (or the handler saturated), with guest kicks
 /// suppressed meanwhile, then re-enables them and checks for a race with a late buffer.
 fn pass<H: QueueHandler>(spec: &mut WorkerSpec<H>, broken: &mut bool) {
-    let mem = spec.mem.memory().into_inner();
+    let mem = view(spec);
     if let Err(e) = pass_inner(spec, &mem) {
         guest_warn!(
             queue = spec.index,
@@ -240,7 +256,7 @@ fn pass<H: QueueHandler>(spec: &mut WorkerSpec<H>, broken: &mut bool) {
 
 fn pass_inner<H: QueueHandler>(
     spec: &mut WorkerSpec<H>,
-    mem: &Arc<GuestMemory>,
+    mem: &GuestAccess,
 ) -> Result<(), RingError> {
     loop {
         spec.ring.disable_notifications(mem)?;
@@ -263,7 +279,7 @@ fn pass_inner<H: QueueHandler>(
 }
 
 fn finish<H: QueueHandler>(spec: &mut WorkerSpec<H>) {
-    let mem = spec.mem.memory().into_inner();
+    let mem = view(spec);
     let mut ctx = QueueCtx::new(
         &mem,
         &mut spec.ring,

@@ -7,9 +7,9 @@
 
 #![warn(clippy::arithmetic_side_effects, clippy::indexing_slicing)]
 
-use vm_memory::{Address, ByteValued, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Address, ByteValued, GuestAddress};
 
-use crate::memory::GuestMemory;
+use crate::guest_access::GuestAccess;
 
 const DESC_F_NEXT: u16 = 1;
 const DESC_F_WRITE: u16 = 2;
@@ -77,7 +77,7 @@ pub struct WalkLimits {
 /// Reads the chain starting at `head` from the descriptor table at `table` into `out`.
 /// `out` is cleared first; it never grows beyond `queue_size` entries.
 pub fn walk(
-    mem: &GuestMemory,
+    mem: &GuestAccess,
     table: GuestAddress,
     head: u16,
     limits: WalkLimits,
@@ -101,7 +101,7 @@ pub fn walk(
         let at = table
             .checked_add(offset)
             .ok_or(ChainError::UnreadableDescriptor)?;
-        let raw: RawDesc = super::access::read(mem, at).ok_or(ChainError::UnreadableDescriptor)?;
+        let raw: RawDesc = mem.read_val(at).ok_or(ChainError::UnreadableDescriptor)?;
         if raw.flags & DESC_F_INDIRECT != 0 {
             if !limits.indirect {
                 return Err(ChainError::IndirectNotNegotiated);
@@ -114,7 +114,7 @@ pub fn walk(
             }
             let entries = indirect_entries(raw.len, limits.queue_size)?;
             let addr = GuestAddress(raw.addr);
-            if !mem.check_range(addr, raw.len as usize) {
+            if !mem.contains(addr, raw.len as usize) {
                 return Err(ChainError::Unmapped(raw.addr, raw.len));
             }
             table = addr;
@@ -132,7 +132,7 @@ pub fn walk(
             return Err(ChainError::ReadableAfterWritable);
         }
         seen_writable |= writable;
-        if !mem.check_range(GuestAddress(raw.addr), raw.len as usize) {
+        if !mem.contains(GuestAddress(raw.addr), raw.len as usize) {
             return Err(ChainError::Unmapped(raw.addr, raw.len));
         }
         out.push(Desc {

@@ -14,6 +14,7 @@ use std::sync::atomic::{fence, Ordering};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::chain::{self, ChainError, Desc, WalkLimits, DESC_SIZE};
+use crate::guest_access::GuestAccess;
 use crate::memory::GuestMemory;
 
 const AVAIL_F_NO_INTERRUPT: u16 = 1;
@@ -147,7 +148,7 @@ impl SplitRing {
 
     /// Reads the chain at `head` again without touching the available ring (resubmission of a
     /// chain taken before a crash).
-    pub fn chain_at(&self, mem: &GuestMemory, head: u16, descs: &mut Vec<Desc>) -> AvailChain {
+    pub fn chain_at(&self, mem: &GuestAccess, head: u16, descs: &mut Vec<Desc>) -> AvailChain {
         let limits = WalkLimits {
             queue_size: self.size,
             indirect: self.indirect,
@@ -162,15 +163,15 @@ impl SplitRing {
         self.next_avail -= Wrapping(count);
     }
 
-    fn avail_idx(&self, mem: &GuestMemory) -> Result<Wrapping<u16>, RingError> {
+    fn avail_idx(&self, mem: &GuestAccess) -> Result<Wrapping<u16>, RingError> {
         let idx: u16 = mem
-            .load(self.addrs.avail.unchecked_add(2), Ordering::Acquire)
+            .load_u16(self.addrs.avail.unchecked_add(2), Ordering::Acquire)
             .map_err(|_| RingError::Memory)?;
         Ok(Wrapping(u16::from_le(idx)))
     }
 
     /// Number of chains the guest made available that we have not taken.
-    pub fn pending(&mut self, mem: &GuestMemory) -> Result<u16, RingError> {
+    pub fn pending(&mut self, mem: &GuestAccess) -> Result<u16, RingError> {
         let idx = self.avail_idx(mem)?;
         let pending = (idx - self.next_avail).0;
         if pending > self.size {
@@ -183,7 +184,7 @@ impl SplitRing {
     /// Takes the next available chain, copying its descriptors into `descs`.
     pub fn pop(
         &mut self,
-        mem: &GuestMemory,
+        mem: &GuestAccess,
         descs: &mut Vec<Desc>,
     ) -> Result<Option<AvailChain>, RingError> {
         if self.shadow_avail == self.next_avail && self.pending(mem)? == 0 {
@@ -191,7 +192,7 @@ impl SplitRing {
         }
         let slot = self.slot(self.next_avail);
         let head: u16 = mem
-            .load(elem(self.addrs.avail, AVAIL_ELEM, slot), Ordering::Relaxed)
+            .load_u16(elem(self.addrs.avail, AVAIL_ELEM, slot), Ordering::Relaxed)
             .map_err(|_| RingError::Memory)?;
         let head = u16::from_le(head);
         self.next_avail += Wrapping(1);
@@ -205,20 +206,25 @@ impl SplitRing {
 
     /// Writes a used element; the guest sees it after [`publish_used`](Self::publish_used).
     /// A head beyond the queue size (from a malformed chain) is dropped: it names no buffer.
-    pub fn push_used(&mut self, mem: &GuestMemory, head: u16, len: u32) -> Result<bool, RingError> {
+    pub fn push_used(&mut self, mem: &GuestAccess, head: u16, len: u32) -> Result<bool, RingError> {
         if head >= self.size {
             return Ok(false);
         }
         let at = elem(self.addrs.used, USED_ELEM, self.slot(self.next_used));
-        let elem = (u64::from(len) << 32 | u64::from(head)).to_le();
-        super::access::write(mem, elem, at).ok_or(RingError::Memory)?;
+        // Two 32-bit stores: used elements are only 4-byte aligned (the ring starts 4-aligned,
+        // elements follow a 4-byte header), and the guest reads them only after the release
+        // store of the index in `publish_used`.
+        mem.write_val(u32::from(head).to_le(), at)
+            .ok_or(RingError::Memory)?;
+        mem.write_val(len.to_le(), at.unchecked_add(4))
+            .ok_or(RingError::Memory)?;
         self.next_used += Wrapping(1);
         Ok(true)
     }
 
     /// Makes every pushed element visible to the guest.
-    pub fn publish_used(&mut self, mem: &GuestMemory) -> Result<(), RingError> {
-        mem.store(
+    pub fn publish_used(&mut self, mem: &GuestAccess) -> Result<(), RingError> {
+        mem.store_u16(
             self.next_used.0.to_le(),
             self.addrs.used.unchecked_add(2),
             Ordering::Release,
@@ -228,13 +234,13 @@ impl SplitRing {
 
     /// Whether the guest wants an interrupt for the elements published since the last call.
     /// The answer stays yes until [`signalled`](Self::signalled) is called.
-    pub fn needs_signal(&mut self, mem: &GuestMemory) -> Result<bool, RingError> {
+    pub fn needs_signal(&mut self, mem: &GuestAccess) -> Result<bool, RingError> {
         Ok(self.interrupt_owed(mem)?.is_some())
     }
 
     /// If the guest is owed an interrupt: how many published completions it has not seen (it
     /// will find that many when it looks). `None` if it did not ask for one.
-    pub fn interrupt_owed(&mut self, mem: &GuestMemory) -> Result<Option<u16>, RingError> {
+    pub fn interrupt_owed(&mut self, mem: &GuestAccess) -> Result<Option<u16>, RingError> {
         let old = self.signalled_used;
         let new = self.next_used;
         if old != new && !self.owed {
@@ -244,7 +250,7 @@ impl SplitRing {
             if self.event_idx {
                 let at = elem(self.addrs.avail, AVAIL_ELEM, u64::from(self.size));
                 let used_event: u16 = mem
-                    .load(at, Ordering::Relaxed)
+                    .load_u16(at, Ordering::Relaxed)
                     .map_err(|_| RingError::Memory)?;
                 let used_event = Wrapping(u16::from_le(used_event));
                 // vring_need_event: signal if used_event lies in [old, new).
@@ -254,7 +260,7 @@ impl SplitRing {
                 }
             } else {
                 let flags: u16 = mem
-                    .load(self.addrs.avail, Ordering::Relaxed)
+                    .load_u16(self.addrs.avail, Ordering::Relaxed)
                     .map_err(|_| RingError::Memory)?;
                 if u16::from_le(flags) & AVAIL_F_NO_INTERRUPT == 0 {
                     self.owed = true;
@@ -279,13 +285,13 @@ impl SplitRing {
 
     /// Asks the guest to kick for new buffers. Returns true if buffers arrived meanwhile, in which
     /// case the caller must keep processing (a kick for them may never come).
-    pub fn enable_notifications(&mut self, mem: &GuestMemory) -> Result<bool, RingError> {
+    pub fn enable_notifications(&mut self, mem: &GuestAccess) -> Result<bool, RingError> {
         if self.event_idx {
             let at = elem(self.addrs.used, USED_ELEM, u64::from(self.size));
-            mem.store(self.next_avail.0.to_le(), at, Ordering::Relaxed)
+            mem.store_u16(self.next_avail.0.to_le(), at, Ordering::Relaxed)
                 .map_err(|_| RingError::Memory)?;
         } else {
-            mem.store(0u16, self.addrs.used, Ordering::Relaxed)
+            mem.store_u16(0u16, self.addrs.used, Ordering::Relaxed)
                 .map_err(|_| RingError::Memory)?;
         }
         fence(Ordering::SeqCst);
@@ -296,15 +302,15 @@ impl SplitRing {
     /// beyond the ones we took). Returns true if that already happened.
     pub fn enable_notifications_beyond_avail(
         &mut self,
-        mem: &GuestMemory,
+        mem: &GuestAccess,
     ) -> Result<bool, RingError> {
         let seen = self.avail_idx(mem)?;
         if self.event_idx {
             let at = elem(self.addrs.used, USED_ELEM, u64::from(self.size));
-            mem.store(seen.0.to_le(), at, Ordering::Relaxed)
+            mem.store_u16(seen.0.to_le(), at, Ordering::Relaxed)
                 .map_err(|_| RingError::Memory)?;
         } else {
-            mem.store(0u16, self.addrs.used, Ordering::Relaxed)
+            mem.store_u16(0u16, self.addrs.used, Ordering::Relaxed)
                 .map_err(|_| RingError::Memory)?;
         }
         fence(Ordering::SeqCst);
@@ -313,11 +319,11 @@ impl SplitRing {
 
     /// Tells the guest not to kick at all, even with EVENT_IDX (while busy-polling): the kick
     /// index is set just behind what we took, which the guest's index has already passed.
-    pub fn suppress_notifications(&mut self, mem: &GuestMemory) -> Result<(), RingError> {
+    pub fn suppress_notifications(&mut self, mem: &GuestAccess) -> Result<(), RingError> {
         if self.event_idx {
             let at = elem(self.addrs.used, USED_ELEM, u64::from(self.size));
             let behind = self.next_avail - Wrapping(1);
-            mem.store(behind.0.to_le(), at, Ordering::Relaxed)
+            mem.store_u16(behind.0.to_le(), at, Ordering::Relaxed)
                 .map_err(|_| RingError::Memory)
         } else {
             self.disable_notifications(mem)
@@ -325,9 +331,9 @@ impl SplitRing {
     }
 
     /// Tells the guest kicks are not needed while we are processing anyway.
-    pub fn disable_notifications(&mut self, mem: &GuestMemory) -> Result<(), RingError> {
+    pub fn disable_notifications(&mut self, mem: &GuestAccess) -> Result<(), RingError> {
         if !self.event_idx {
-            mem.store(USED_F_NO_NOTIFY.to_le(), self.addrs.used, Ordering::Relaxed)
+            mem.store_u16(USED_F_NO_NOTIFY.to_le(), self.addrs.used, Ordering::Relaxed)
                 .map_err(|_| RingError::Memory)?;
         }
         // With EVENT_IDX, avail_event is left behind as we advance, which suppresses kicks.

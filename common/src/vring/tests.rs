@@ -12,6 +12,7 @@ use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::*;
+use crate::guest_access::GuestAccess;
 use crate::memory::GuestMemory;
 
 const F_NEXT: u16 = 1;
@@ -19,8 +20,10 @@ const F_WRITE: u16 = 2;
 const F_INDIRECT: u16 = 4;
 const SIZE: u16 = 16;
 
-fn memory() -> GuestMemory {
-    GuestMemory::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap()
+fn memory() -> GuestAccess {
+    GuestAccess::new(std::sync::Arc::new(
+        GuestMemory::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap(),
+    ))
 }
 
 fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
@@ -47,7 +50,7 @@ fn ring(mem: &GuestMemory, q: &MockSplitQueue<'_, GuestMemory>, event_idx: bool)
 #[test]
 fn chains_pop_in_order_with_their_descriptors() {
     let mem = memory();
-    let q = MockSplitQueue::create(&mem, GuestAddress(0), SIZE);
+    let q = MockSplitQueue::create(&*mem, GuestAddress(0), SIZE);
     q.add_desc_chains(
         &[
             desc(0x10000, 16, F_NEXT, 1),
@@ -84,7 +87,7 @@ fn chains_pop_in_order_with_their_descriptors() {
 #[test]
 fn descriptor_loop_is_reported_not_followed() {
     let mem = memory();
-    let q = MockSplitQueue::create(&mem, GuestAddress(0), SIZE);
+    let q = MockSplitQueue::create(&*mem, GuestAddress(0), SIZE);
     q.add_desc_chains(
         &[desc(0x10000, 16, F_NEXT, 1), desc(0x10000, 16, F_NEXT, 0)],
         0,
@@ -100,7 +103,7 @@ fn descriptor_loop_is_reported_not_followed() {
 #[test]
 fn indirect_table_is_expanded_and_nesting_is_refused() {
     let mem = memory();
-    let q = MockSplitQueue::create(&mem, GuestAddress(0), SIZE);
+    let q = MockSplitQueue::create(&*mem, GuestAddress(0), SIZE);
     let table = GuestAddress(0x40000);
     mem.write_obj(desc(0x10000, 16, F_NEXT, 1), table).unwrap();
     mem.write_obj(desc(0x20000, 1, F_WRITE, 0), table.unchecked_add(16))
@@ -129,7 +132,7 @@ fn indirect_table_is_expanded_and_nesting_is_refused() {
 #[test]
 fn indirect_descriptor_without_the_feature_is_refused() {
     let mem = memory();
-    let q = MockSplitQueue::create(&mem, GuestAddress(0), SIZE);
+    let q = MockSplitQueue::create(&*mem, GuestAddress(0), SIZE);
     q.add_desc_chains(&[desc(0x40000, 32, F_INDIRECT, 0)], 0)
         .unwrap();
     let mut r = SplitRing::new(&mem, SIZE, addrs(&q), 0, false, false).unwrap();
@@ -140,7 +143,7 @@ fn indirect_descriptor_without_the_feature_is_refused() {
 #[test]
 fn oversized_or_misaligned_indirect_tables_are_refused() {
     let mem = memory();
-    let q = MockSplitQueue::create(&mem, GuestAddress(0), SIZE);
+    let q = MockSplitQueue::create(&*mem, GuestAddress(0), SIZE);
     q.add_desc_chains(
         &[
             desc(0x40000, 17, F_INDIRECT, 0),
@@ -164,7 +167,7 @@ fn oversized_or_misaligned_indirect_tables_are_refused() {
 #[test]
 fn head_beyond_queue_size_is_reported_and_cannot_be_completed() {
     let mem = memory();
-    let q = MockSplitQueue::create(&mem, GuestAddress(0), SIZE);
+    let q = MockSplitQueue::create(&*mem, GuestAddress(0), SIZE);
     mem.write_obj(200u16, q.avail_addr().unchecked_add(4))
         .unwrap();
     mem.write_obj(1u16, q.avail_addr().unchecked_add(2))
@@ -178,7 +181,7 @@ fn head_beyond_queue_size_is_reported_and_cannot_be_completed() {
 #[test]
 fn avail_index_jumping_past_the_queue_size_is_a_ring_error() {
     let mem = memory();
-    let q = MockSplitQueue::create(&mem, GuestAddress(0), SIZE);
+    let q = MockSplitQueue::create(&*mem, GuestAddress(0), SIZE);
     mem.write_obj(SIZE + 1, q.avail_addr().unchecked_add(2))
         .unwrap();
     let mut r = ring(&mem, &q, false);
@@ -191,7 +194,7 @@ fn avail_index_jumping_past_the_queue_size_is_a_ring_error() {
 #[test]
 fn readable_after_writable_and_unmapped_buffers_are_refused() {
     let mem = memory();
-    let q = MockSplitQueue::create(&mem, GuestAddress(0), SIZE);
+    let q = MockSplitQueue::create(&*mem, GuestAddress(0), SIZE);
     q.add_desc_chains(
         &[
             desc(0x10000, 16, F_WRITE | F_NEXT, 1),
@@ -222,7 +225,7 @@ fn readable_after_writable_and_unmapped_buffers_are_refused() {
 #[test]
 fn used_elements_become_visible_only_when_published() {
     let mem = memory();
-    let q = MockSplitQueue::create(&mem, GuestAddress(0), SIZE);
+    let q = MockSplitQueue::create(&*mem, GuestAddress(0), SIZE);
     q.add_desc_chains(&[desc(0x10000, 16, 0, 0), desc(0x10000, 16, 0, 0)], 0)
         .unwrap();
     let mut r = ring(&mem, &q, false);
@@ -245,7 +248,7 @@ fn used_elements_become_visible_only_when_published() {
 #[test]
 fn signal_follows_used_event_with_event_idx() {
     let mem = memory();
-    let q = MockSplitQueue::create(&mem, GuestAddress(0), SIZE);
+    let q = MockSplitQueue::create(&*mem, GuestAddress(0), SIZE);
     q.add_desc_chains(
         &(0..4).map(|_| desc(0x10000, 16, 0, 0)).collect::<Vec<_>>(),
         0,
@@ -275,7 +278,7 @@ fn signal_follows_used_event_with_event_idx() {
 #[test]
 fn an_owed_interrupt_counts_the_completions_the_guest_has_not_seen() {
     let mem = memory();
-    let q = MockSplitQueue::create(&mem, GuestAddress(0), SIZE);
+    let q = MockSplitQueue::create(&*mem, GuestAddress(0), SIZE);
     q.add_desc_chains(
         &(0..6).map(|_| desc(0x10000, 16, 0, 0)).collect::<Vec<_>>(),
         0,
@@ -305,7 +308,7 @@ fn an_owed_interrupt_counts_the_completions_the_guest_has_not_seen() {
 #[test]
 fn no_interrupt_flag_silences_signals_without_event_idx() {
     let mem = memory();
-    let q = MockSplitQueue::create(&mem, GuestAddress(0), SIZE);
+    let q = MockSplitQueue::create(&*mem, GuestAddress(0), SIZE);
     q.add_desc_chains(&[desc(0x10000, 16, 0, 0), desc(0x10000, 16, 0, 0)], 0)
         .unwrap();
     let mut r = ring(&mem, &q, false);
@@ -325,7 +328,7 @@ fn no_interrupt_flag_silences_signals_without_event_idx() {
 #[test]
 fn enabling_notifications_reports_buffers_that_raced_in() {
     let mem = memory();
-    let q = MockSplitQueue::create(&mem, GuestAddress(0), SIZE);
+    let q = MockSplitQueue::create(&*mem, GuestAddress(0), SIZE);
     let mut r = ring(&mem, &q, true);
     assert!(!r.enable_notifications(&mem).unwrap());
     let avail_event: u16 = mem
@@ -377,8 +380,10 @@ fn ring_outside_memory_or_misaligned_is_refused() {
 fn chain_carrying_more_than_4_gib_is_refused() {
     // Two mapped 2 GiB buffers (the same bytes twice) add up to 4 GiB, one byte too many for
     // the 32-bit length a used element can report. The region is virtual: nothing is touched.
-    let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0xa000_0000)]).unwrap();
-    let q = MockSplitQueue::create(&mem, GuestAddress(0), SIZE);
+    let mem = GuestAccess::new(std::sync::Arc::new(
+        GuestMemory::from_ranges(&[(GuestAddress(0), 0xa000_0000)]).unwrap(),
+    ));
+    let q = MockSplitQueue::create(&*mem, GuestAddress(0), SIZE);
     q.add_desc_chains(
         &[
             desc(0x10_0000, 0x8000_0000, F_NEXT, 1),

@@ -119,11 +119,7 @@ fn finish(
     written: u32,
 ) -> Result<(), RingError> {
     let used = match (status_at, status) {
-        (Some(at), Some(s))
-            if bulkhead_common::vring::access::write(ctx.mem(), s, at).is_some() =>
-        {
-            written.saturating_add(1)
-        }
+        (Some(at), Some(s)) if ctx.mem().write_val(s, at).is_some() => written.saturating_add(1),
         _ => 0,
     };
     ctx.complete(head, used)

@@ -8,8 +8,8 @@
 
 #![warn(clippy::arithmetic_side_effects, clippy::indexing_slicing)]
 
+use bulkhead_common::guest_access::GuestAccess;
 use bulkhead_common::vring::Desc;
-use bulkhead_common::GuestMemory;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
     VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
@@ -143,7 +143,7 @@ pub struct Limits {
 /// Parses the chain in `descs`. On success the data segments are in `data` (cleared first); on
 /// failure the status address, if there is one, is returned alongside the error.
 pub fn parse(
-    mem: &GuestMemory,
+    mem: &GuestAccess,
     descs: &[Desc],
     limits: &Limits,
     data: &mut Vec<Segment>,
@@ -168,7 +168,7 @@ fn status_byte(descs: &[Desc]) -> Option<GuestAddress> {
 }
 
 fn parse_body(
-    mem: &GuestMemory,
+    mem: &GuestAccess,
     descs: &[Desc],
     limits: &Limits,
     data: &mut Vec<Segment>,
@@ -295,7 +295,7 @@ fn split_data(
 /// Reads a `T` from the device-readable bytes starting `at` bytes into the chain, across
 /// descriptor boundaries.
 fn read_readable<T: ByteValued + Default>(
-    mem: &GuestMemory,
+    mem: &GuestAccess,
     descs: &[Desc],
     at: u64,
 ) -> Result<T, ParseError> {
@@ -307,7 +307,7 @@ fn read_readable<T: ByteValued + Default>(
                 .addr
                 .0
                 .checked_add(at)
-                .and_then(|a| bulkhead_common::vring::access::read::<T>(mem, GuestAddress(a)))
+                .and_then(|a| mem.read_val::<T>(GuestAddress(a)))
             {
                 return Ok(v);
             }
@@ -348,7 +348,7 @@ fn read_readable<T: ByteValued + Default>(
 }
 
 fn read_ranges(
-    mem: &GuestMemory,
+    mem: &GuestAccess,
     descs: &[Desc],
     bytes: u64,
     zeroes: bool,

@@ -7,6 +7,7 @@
 )]
 
 use bulkhead_common::vring::{RingAddrs, SplitRing};
+use bulkhead_common::GuestMemory;
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress};
@@ -22,8 +23,10 @@ const DATA: u64 = 0x20_0000;
 const STATUS: u64 = 0x30_0000;
 const CAPACITY: u64 = 1 << 20;
 
-fn memory() -> GuestMemory {
-    GuestMemory::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap()
+fn memory() -> GuestAccess {
+    GuestAccess::new(std::sync::Arc::new(
+        GuestMemory::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap(),
+    ))
 }
 
 fn limits() -> Limits {
@@ -35,12 +38,12 @@ fn limits() -> Limits {
 }
 
 /// Writes a header, lays the chain out in a mock queue and pops it like the engine does.
-fn chain(mem: &GuestMemory, kind: u32, sector: u64, descs: &[(u64, u32, u16)]) -> Vec<Desc> {
+fn chain(mem: &GuestAccess, kind: u32, sector: u64, descs: &[(u64, u32, u16)]) -> Vec<Desc> {
     let mut h = kind.to_le_bytes().to_vec();
     h.extend_from_slice(&[0; 4]);
     h.extend_from_slice(&sector.to_le_bytes());
     mem.write_slice(&h, GuestAddress(HDR)).unwrap();
-    let q = MockSplitQueue::create(mem, GuestAddress(0), 16);
+    let q = MockSplitQueue::create(&**mem, GuestAddress(0), 16);
     let raw: Vec<RawDescriptor> = descs
         .iter()
         .enumerate()
@@ -63,7 +66,7 @@ fn chain(mem: &GuestMemory, kind: u32, sector: u64, descs: &[(u64, u32, u16)]) -
     out
 }
 
-fn parse_err(mem: &GuestMemory, descs: &[Desc], limits: &Limits) -> ParseError {
+fn parse_err(mem: &GuestAccess, descs: &[Desc], limits: &Limits) -> ParseError {
     parse(mem, descs, limits, &mut Vec::new()).unwrap_err().0
 }
 
@@ -335,7 +338,7 @@ fn discard_segments_are_read_and_validated() {
 }
 
 /// Parses and executes with the synchronous engine against a real temporary file.
-fn execute(mem: &GuestMemory, disk: &Disk, descs: &[Desc]) -> Outcome {
+fn execute(mem: &GuestAccess, disk: &Disk, descs: &[Desc]) -> Outcome {
     let mut segs = Vec::new();
     let req = parse(
         mem,
