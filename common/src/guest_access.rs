@@ -92,6 +92,12 @@ impl GuestAccess {
         None
     }
 
+    /// Host address of the guest range `[addr, addr + len)` if it lies within one region (the
+    /// caller may touch `len` bytes there while this view lives).
+    pub fn host_range(&self, addr: GuestAddress, len: usize) -> Option<*mut u8> {
+        self.host(addr.0, len as u64)
+    }
+
     /// Whether `[addr, addr + len)` is guest memory (possibly across adjacent regions).
     pub fn contains(&self, addr: GuestAddress, len: usize) -> bool {
         self.host(addr.0, len as u64).is_some() || self.mem.check_range(addr, len)

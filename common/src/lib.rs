@@ -18,6 +18,7 @@ pub mod cli;
 pub mod device;
 pub mod guest_access;
 pub mod inflight;
+pub mod iov;
 pub mod local;
 pub mod logging;
 pub mod memfd;

@@ -68,8 +68,7 @@ impl BlkQueue {
         };
         let sync = sync_io(&self.shared);
         if let Some(uring) = self.uring.as_mut() {
-            let mem = ctx.mem_arc();
-            match uring.queue(&sync, &mem, head, &req, &self.data) {
+            match uring.queue(&sync, ctx.mem(), head, &req, &self.data) {
                 Ok(()) => return Ok(()),
                 Err(NotQueued::BadBuffers) => {
                     return finish_outcome(ctx, head, req.status, Outcome::FAILED)

@@ -15,7 +15,6 @@
 pub mod config;
 pub mod config_space;
 pub mod device;
-pub mod iov;
 pub mod rx;
 pub mod stats;
 pub mod tap;

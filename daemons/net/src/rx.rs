@@ -13,10 +13,10 @@ use bulkhead_common::vring::{Desc, RingError};
 use bulkhead_common::{guest_warn, Progress, QueueCtx, QueueHandler};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::iov;
 use crate::stats::QueueStats;
 use crate::tap::TapQueue;
 use crate::vnet::{HDR_LEN, NUM_BUFFERS_OFFSET};
+use bulkhead_common::iov;
 
 /// A receive chain taken from the ring, ready to be filled.
 #[derive(Debug, Clone, Copy)]
@@ -123,7 +123,12 @@ impl RxQueue {
             let capacity: u64 = self.descs.iter().map(|d| u64::from(d.len)).sum();
             self.scratch.clear();
             if capacity < self.hdr_len as u64
-                || !iov::append(ctx.mem(), &self.descs, &mut self.scratch)
+                || iov::build(
+                    ctx.mem(),
+                    self.descs.iter().map(|d| (d.addr, d.len)),
+                    &mut self.scratch,
+                )
+                .is_err()
             {
                 guest_warn!(
                     head = chain.head,

@@ -4,6 +4,7 @@
 
 use arbitrary::Arbitrary;
 use bulkhead_common::vring::{RingAddrs, SplitRing};
+use bulkhead_common::guest_access::GuestAccess;
 use bulkhead_common::GuestMemory;
 use libfuzzer_sys::fuzz_target;
 use vhost_user_blk::disk::Disk;
@@ -24,7 +25,9 @@ const MEM: u64 = 64 * 1024;
 const SIZE: u16 = 16;
 
 fuzz_target!(|input: Input| {
-    let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM as usize)]).expect("memory");
+    let mem = GuestAccess::new(std::sync::Arc::new(
+        GuestMemory::from_ranges(&[(GuestAddress(0), MEM as usize)]).expect("memory"),
+    ));
     let bytes: Vec<u8> = input.memory.iter().copied().take(MEM as usize).collect();
     let _ = mem.write_slice(&bytes, GuestAddress(0));
     // Descriptor table at 0 (16 × 16 bytes), available ring at 0x100, used ring at 0x200, and

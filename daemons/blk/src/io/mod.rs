@@ -1,7 +1,6 @@
 //! Executing parsed requests against the disk: synchronously (vectored pread/pwrite) or through
 //! io_uring with many requests in flight per queue.
 
-pub mod iov;
 pub mod sync;
 pub mod uring;
 

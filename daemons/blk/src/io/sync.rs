@@ -4,12 +4,12 @@
 use std::io;
 use std::os::fd::AsRawFd;
 
-use bulkhead_common::GuestMemory;
+use bulkhead_common::guest_access::GuestAccess;
 use vm_memory::{Bytes, GuestAddress};
 
-use super::iov;
 use crate::disk::{AlignedBuf, Disk, DiskKind};
 use crate::request::{Op, Range, Request, Segment};
+use bulkhead_common::iov;
 
 /// Bounce buffer size for O_DIRECT requests whose guest buffers are misaligned.
 const BOUNCE_CHUNK: usize = 1 << 20;
@@ -47,7 +47,7 @@ impl SyncIo<'_> {
     /// Executes `req`; `iov` is scratch space reused between requests.
     pub fn execute(
         &self,
-        mem: &GuestMemory,
+        mem: &GuestAccess,
         req: &Request,
         data: &[Segment],
         iovs: &mut Vec<libc::iovec>,
@@ -83,13 +83,14 @@ impl SyncIo<'_> {
 
     fn read(
         &self,
-        mem: &GuestMemory,
+        mem: &GuestAccess,
         data: &[Segment],
         offset: u64,
         len: u64,
         iovs: &mut Vec<libc::iovec>,
     ) -> io::Result<()> {
-        iov::build(mem, data, iovs).map_err(|_| io::Error::from_raw_os_error(libc::EFAULT))?;
+        iov::build(mem, segs(data), iovs)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EFAULT))?;
         if self.needs_bounce(iovs) {
             return self.bounce_read(mem, data, offset, len);
         }
@@ -98,12 +99,13 @@ impl SyncIo<'_> {
 
     fn write(
         &self,
-        mem: &GuestMemory,
+        mem: &GuestAccess,
         data: &[Segment],
         offset: u64,
         iovs: &mut Vec<libc::iovec>,
     ) -> io::Result<()> {
-        iov::build(mem, data, iovs).map_err(|_| io::Error::from_raw_os_error(libc::EFAULT))?;
+        iov::build(mem, segs(data), iovs)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EFAULT))?;
         if self.needs_bounce(iovs) {
             return self.bounce_write(mem, data, offset);
         }
@@ -124,7 +126,7 @@ impl SyncIo<'_> {
 
     fn bounce_read(
         &self,
-        mem: &GuestMemory,
+        mem: &GuestAccess,
         data: &[Segment],
         offset: u64,
         len: u64,
@@ -146,7 +148,7 @@ impl SyncIo<'_> {
         Ok(())
     }
 
-    fn bounce_write(&self, mem: &GuestMemory, data: &[Segment], offset: u64) -> io::Result<()> {
+    fn bounce_write(&self, mem: &GuestAccess, data: &[Segment], offset: u64) -> io::Result<()> {
         let len: u64 = data.iter().map(|s| u64::from(s.len)).sum();
         let mut buf = AlignedBuf::zeroed(BOUNCE_CHUNK)?;
         let mut cursor = SegmentCursor::new(data);
@@ -222,7 +224,7 @@ fn each(ranges: &[Range], f: impl FnMut(&Range) -> io::Result<()>) -> io::Result
 }
 
 fn write_id(
-    mem: &GuestMemory,
+    mem: &GuestAccess,
     data: &[Segment],
     serial: &[u8; ID_BYTES],
     len: u32,
@@ -253,7 +255,7 @@ impl<'a> SegmentCursor<'a> {
         }
     }
 
-    fn copy_to_guest(&mut self, mem: &GuestMemory, mut src: &[u8]) -> io::Result<()> {
+    fn copy_to_guest(&mut self, mem: &GuestAccess, mut src: &[u8]) -> io::Result<()> {
         while !src.is_empty() {
             let (addr, n) = self.next_piece(src.len())?;
             let (head, rest) = src.split_at(n);
@@ -264,7 +266,7 @@ impl<'a> SegmentCursor<'a> {
         Ok(())
     }
 
-    fn copy_from_guest(&mut self, mem: &GuestMemory, mut dst: &mut [u8]) -> io::Result<()> {
+    fn copy_from_guest(&mut self, mem: &GuestAccess, mut dst: &mut [u8]) -> io::Result<()> {
         while !dst.is_empty() {
             let (addr, n) = self.next_piece(dst.len())?;
             let (head, rest) = dst.split_at_mut(n);
@@ -298,10 +300,15 @@ impl<'a> SegmentCursor<'a> {
 
 /// A null disk completes everything at once; reads report their length without touching the
 /// guest's buffers.
-fn null_outcome(op: &Op, serial: &[u8; ID_BYTES], mem: &GuestMemory, data: &[Segment]) -> Outcome {
+fn null_outcome(op: &Op, serial: &[u8; ID_BYTES], mem: &GuestAccess, data: &[Segment]) -> Outcome {
     match op {
         Op::Read { len, .. } => Outcome::ok(to_u32(*len)),
         Op::GetId { len } => write_id(mem, data, serial, *len).map_or(Outcome::FAILED, Outcome::ok),
         Op::Write { .. } | Op::Flush | Op::Discard(_) | Op::WriteZeroes(_) => Outcome::ok(0),
     }
+}
+
+/// The guest buffers of data segments, for [`iov::build`].
+pub fn segs(data: &[Segment]) -> impl Iterator<Item = (GuestAddress, u32)> + '_ {
+    data.iter().map(|s| (s.addr, s.len))
 }

@@ -6,14 +6,15 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
+use bulkhead_common::guest_access::GuestAccess;
 use bulkhead_common::GuestMemory;
 use io_uring::{opcode, types, IoUring};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::iov;
 use super::sync::{transfer_all, Dir, Outcome, SyncIo};
 use crate::request::{Op, Request, Segment};
+use bulkhead_common::iov;
 
 /// What a request in flight needs at completion.
 #[derive(Debug)]
@@ -113,7 +114,7 @@ impl Uring {
     pub fn queue(
         &mut self,
         sync: &SyncIo<'_>,
-        mem: &Arc<GuestMemory>,
+        view: &GuestAccess,
         head: u16,
         req: &Request,
         data: &[Segment],
@@ -144,7 +145,8 @@ impl Uring {
             .get_mut(usize::from(index))
             .ok_or(NotQueued::RunSync)?;
         if !matches!(kind, SlotKind::Flush) {
-            iov::build(mem, data, &mut slot.iovs).map_err(|_| NotQueued::BadBuffers)?;
+            iov::build(view, super::sync::segs(data), &mut slot.iovs)
+                .map_err(|_| NotQueued::BadBuffers)?;
             if sync.needs_bounce(&slot.iovs) {
                 return Err(NotQueued::RunSync);
             }
@@ -174,7 +176,7 @@ impl Uring {
         slot.head = head;
         slot.status = req.status;
         slot.kind = kind;
-        slot.mem = Some(Arc::clone(mem));
+        slot.mem = Some(Arc::clone(view.snapshot()));
         self.free.pop();
         Ok(())
     }
