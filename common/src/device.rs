@@ -96,6 +96,18 @@ pub trait Device: Send + Sync + 'static {
     /// The frontend went away; forget per-connection state.
     fn disconnected(&self) {}
 
+    /// State the guest set that must survive a restart of this backend (not a new VM), e.g.
+    /// the block write-cache mode: the engine keeps it in the inflight region the frontend
+    /// hands back, at most [`crate::inflight::DEVICE_STATE_MAX`] bytes. Called after every
+    /// config write.
+    fn persistent_state(&self) -> Vec<u8> {
+        Vec::new()
+    }
+
+    /// Restores what [`persistent_state`](Self::persistent_state) returned before a restart. The
+    /// bytes come from the frontend's memory: validate them.
+    fn restore_state(&self, _state: &[u8]) {}
+
     /// Log counters (SIGUSR1).
     fn report(&self) {}
 }

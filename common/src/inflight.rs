@@ -36,6 +36,21 @@ const VERSION: u16 = 1;
 /// Upper bound on a region's size: 1024 queues of 32768 descriptors.
 const MAX_QUEUES: u16 = 1024;
 
+/// Bytes after the queue blocks of the regions we create, where the device keeps the state that
+/// must outlive a backend restart but not the VM (the guest's write-cache choice, which QEMU
+/// does not send again after a reconnect). The frontend keeps the whole region and hands it
+/// back with `SET_INFLIGHT_FD`, never looking inside; a new VM gets a fresh region.
+///
+/// ```text
+/// u32 magic "BHST" | u16 version | u16 length | length bytes of device state
+/// ```
+pub const DEVICE_STATE_BYTES: u64 = 64;
+/// Device state bytes the trailer holds.
+pub const DEVICE_STATE_MAX: usize = 56;
+const STATE_MAGIC: u32 = 0x5453_4842; // "BHST" little-endian
+const STATE_VERSION: u16 = 1;
+const STATE_HEADER: u64 = 8;
+
 // Field offsets within a queue block and within a descriptor entry.
 const OFF_VERSION: u64 = 8;
 const OFF_DESC_NUM: u64 = 10;
@@ -83,6 +98,9 @@ pub fn queue_stride(queue_size: u16) -> u64 {
 #[derive(Debug)]
 pub struct InflightRegion {
     mem: GuestMemoryMmap<()>,
+    /// A region handed back may be shrunk by the frontend: guarded like guest memory.
+    /// Declared after `mem`, so the mapping goes before it is unregistered.
+    _guard: Option<crate::revoke::Guard>,
     fd: OwnedFd,
     mmap_size: u64,
     mmap_offset: u64,
@@ -96,6 +114,13 @@ fn check_geometry(num_queues: u16, queue_size: u16) -> Result<u64, InflightError
         return Err(InflightError::BadGeometry(num_queues, queue_size));
     }
     Ok(queue_stride(queue_size).saturating_mul(u64::from(num_queues)))
+}
+
+/// Registers the region's single mapping with the SIGBUS guard.
+fn guard(mem: &GuestMemoryMmap<()>) -> Option<crate::revoke::Guard> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let r = mem.iter().next()?;
+    crate::revoke::guard(r.as_ptr(), usize::try_from(r.len()).ok()?)
 }
 
 fn map(file: File, offset: u64, size: u64) -> Result<GuestMemoryMmap<()>, InflightError> {
@@ -117,13 +142,17 @@ fn map(file: File, offset: u64, size: u64) -> Result<GuestMemoryMmap<()>, Inflig
 impl InflightRegion {
     /// `GET_INFLIGHT_FD`: a fresh, zeroed region for `num_queues` queues of `queue_size`.
     pub fn create(num_queues: u16, queue_size: u16) -> Result<Self, InflightError> {
-        let size = check_geometry(num_queues, queue_size)?;
-        let fd = crate::memfd::create("bulkhead-inflight").map_err(InflightError::Io)?;
+        let size = check_geometry(num_queues, queue_size)?.saturating_add(DEVICE_STATE_BYTES);
+        let fd = crate::memfd::create_sealable("bulkhead-inflight").map_err(InflightError::Io)?;
         let file = File::from(fd.try_clone().map_err(InflightError::Io)?);
         file.set_len(size).map_err(InflightError::Io)?;
+        // The frontend keeps this descriptor: it may not resize what we map.
+        crate::memfd::seal_size(&fd).map_err(InflightError::Io)?;
         let mem = map(file, 0, size)?;
+        let _guard = guard(&mem);
         Ok(Self {
             mem,
+            _guard,
             fd,
             mmap_size: size,
             mmap_offset: 0,
@@ -142,7 +171,9 @@ impl InflightRegion {
         queue_size: u16,
     ) -> Result<Self, InflightError> {
         let want = check_geometry(num_queues, queue_size)?;
-        if mmap_size != want {
+        // Ours carry the device-state trailer; a region another backend made (or an older
+        // Bulkhead) does not, and is used without it.
+        if mmap_size != want && mmap_size != want.saturating_add(DEVICE_STATE_BYTES) {
             return Err(InflightError::BadSize {
                 got: mmap_size,
                 want,
@@ -163,8 +194,10 @@ impl InflightRegion {
             });
         }
         let mem = map(file, mmap_offset, mmap_size)?;
+        let _guard = guard(&mem);
         Ok(Self {
             mem,
+            _guard,
             fd,
             mmap_size,
             mmap_offset,
@@ -187,6 +220,62 @@ impl InflightRegion {
     }
     pub fn queue_size(&self) -> u16 {
         self.queue_size
+    }
+
+    /// Where the device-state trailer starts, if the region has one.
+    fn state_base(&self) -> Option<u64> {
+        let queues = queue_stride(self.queue_size).saturating_mul(u64::from(self.num_queues));
+        (self.mmap_size >= queues.saturating_add(DEVICE_STATE_BYTES)).then_some(queues)
+    }
+
+    /// The device state stored in the trailer, if there is a valid one (the region comes from
+    /// the frontend: anything malformed reads as none).
+    pub fn device_state(&self) -> Option<Vec<u8>> {
+        let base = self.state_base()?;
+        let magic: u32 = self.mem.read_obj(GuestAddress(base)).ok()?;
+        let version: u16 = self
+            .mem
+            .read_obj(GuestAddress(base.saturating_add(4)))
+            .ok()?;
+        let len: u16 = self
+            .mem
+            .read_obj(GuestAddress(base.saturating_add(6)))
+            .ok()?;
+        if magic != STATE_MAGIC || version != STATE_VERSION || usize::from(len) > DEVICE_STATE_MAX {
+            return None;
+        }
+        let mut out = vec![0u8; usize::from(len)];
+        self.mem
+            .read_slice(&mut out, GuestAddress(base.saturating_add(STATE_HEADER)))
+            .ok()?;
+        Some(out)
+    }
+
+    /// Stores `state` in the trailer (at most [`DEVICE_STATE_MAX`] bytes). Regions without a
+    /// trailer keep nothing: `Ok(false)`.
+    pub fn set_device_state(&self, state: &[u8]) -> Result<bool, InflightError> {
+        let Some(base) = self.state_base() else {
+            return Ok(false);
+        };
+        let len = u16::try_from(state.len())
+            .ok()
+            .filter(|l| usize::from(*l) <= DEVICE_STATE_MAX)
+            .ok_or(InflightError::Access)?;
+        let put = |r: Result<(), vm_memory::GuestMemoryError>| r.map_err(|_| InflightError::Access);
+        // Length and bytes first, the magic last: a crash halfway leaves no valid-looking state.
+        put(self.mem.write_obj(0u32, GuestAddress(base)))?;
+        put(self
+            .mem
+            .write_obj(STATE_VERSION, GuestAddress(base.saturating_add(4))))?;
+        put(self
+            .mem
+            .write_obj(len, GuestAddress(base.saturating_add(6))))?;
+        put(self
+            .mem
+            .write_slice(state, GuestAddress(base.saturating_add(STATE_HEADER))))?;
+        std::sync::atomic::fence(Ordering::Release);
+        put(self.mem.write_obj(STATE_MAGIC, GuestAddress(base)))?;
+        Ok(true)
     }
 
     /// The tracker for queue `index`, whose ring has `size` entries.
@@ -575,5 +664,31 @@ mod tests {
             Err(InflightError::BadOffset(_))
         ));
         assert_eq!(queue_stride(128), 2112);
+    }
+
+    #[test]
+    fn device_state_survives_handing_the_region_back_and_corrupt_state_reads_as_none() {
+        let r = InflightRegion::create(2, 128).unwrap();
+        assert_eq!(r.mmap_size(), 2 * 2112 + DEVICE_STATE_BYTES);
+        assert_eq!(r.device_state(), None, "a fresh region holds no state");
+        assert!(r.set_device_state(&[0]).unwrap());
+        let fd = || r.fd().try_clone_to_owned().unwrap();
+        let back = InflightRegion::adopt(fd(), r.mmap_size(), 0, 2, 128).unwrap();
+        assert_eq!(back.device_state(), Some(vec![0]));
+        assert!(back.set_device_state(&[0; DEVICE_STATE_MAX + 1]).is_err());
+        // A frontend scribbling over the trailer: the magic no longer matches.
+        let base = 2 * 2112;
+        back.mem
+            .write_obj(0xdead_beefu32, GuestAddress(base))
+            .unwrap();
+        assert_eq!(back.device_state(), None);
+        // A length beyond the trailer.
+        back.set_device_state(&[1]).unwrap();
+        back.mem.write_obj(1000u16, GuestAddress(base + 6)).unwrap();
+        assert_eq!(back.device_state(), None);
+        // A region without the trailer (another backend's) is usable, and keeps no state.
+        let plain = InflightRegion::adopt(fd(), 2 * 2112, 0, 2, 128).unwrap();
+        assert!(!plain.set_device_state(&[0]).unwrap());
+        assert_eq!(plain.device_state(), None);
     }
 }

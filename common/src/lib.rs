@@ -28,6 +28,7 @@ pub mod pipeline;
 pub mod protocol;
 mod queue_ctx;
 pub mod ratelimit;
+pub mod revoke;
 pub mod sandbox;
 pub mod sd_notify;
 pub mod serve;

@@ -82,6 +82,8 @@ impl<H: QueueHandler> DirectQueue<H> {
             &self.call,
         );
         self.handler.drain(&mut ctx)?;
+        ctx.flush()?;
+        ctx.release_held()?;
         ctx.flush()
     }
 }

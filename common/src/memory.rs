@@ -2,7 +2,9 @@
 //!
 //! Every region arrives from an untrusted frontend, so each is validated before it is mapped: no
 //! address overflow, no overlap, no more regions than slots, and a backing file at least as large
-//! as the mapping (touching a page beyond the end of a file would SIGBUS the daemon).
+//! as the mapping. That check holds only at the time: the frontend keeps the descriptor and can
+//! shrink the file later, so every mapping is also registered with the SIGBUS guard
+//! ([`crate::revoke`]), which turns such a revocation into the end of that frontend's session.
 
 #![warn(clippy::arithmetic_side_effects, clippy::indexing_slicing)]
 
@@ -48,7 +50,7 @@ pub enum MemoryError {
 }
 
 /// One mapped region with the addresses the frontend described it by.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Region {
     guest_phys_addr: u64,
     size: u64,
@@ -57,6 +59,16 @@ struct Region {
     /// same ADD_MEM_REG once per queue pair; the region goes when every add was removed.
     refs: u32,
     mapping: Arc<GuestRegionMmap<()>>,
+    /// Registers the mapping with the SIGBUS guard (`crate::revoke`).
+    guard: Option<crate::revoke::Guard>,
+}
+
+/// A region gone from the table whose mapping a worker's snapshot may still use: it stays
+/// guarded until only this entry holds it (the mapping is unmapped with the entry).
+#[derive(Debug)]
+struct Retired {
+    mapping: Arc<GuestRegionMmap<()>>,
+    _guard: Option<crate::revoke::Guard>,
 }
 
 impl Region {
@@ -82,6 +94,7 @@ impl Region {
 #[derive(Debug, Default)]
 pub struct MemoryTable {
     regions: Vec<Region>,
+    retired: Vec<Retired>,
 }
 
 impl MemoryTable {
@@ -117,7 +130,8 @@ impl MemoryTable {
             fresh.insert(desc, fd)?;
         }
         let snapshot = fresh.snapshot()?;
-        *self = fresh;
+        let old = std::mem::replace(&mut self.regions, fresh.regions);
+        self.retire(old);
         Ok(snapshot)
     }
 
@@ -162,12 +176,25 @@ impl MemoryTable {
         }
         let removed = self.regions.remove(pos);
         match self.snapshot() {
-            Ok(s) => Ok(s),
+            Ok(s) => {
+                self.retire(vec![removed]);
+                Ok(s)
+            }
             Err(e) => {
                 self.regions.insert(pos, removed);
                 Err(e)
             }
         }
+    }
+
+    /// Moves regions out of the table into the retired list, and forgets retired mappings that
+    /// no snapshot holds any more.
+    fn retire(&mut self, regions: Vec<Region>) {
+        self.retired.extend(regions.into_iter().map(|r| Retired {
+            mapping: r.mapping,
+            _guard: r.guard,
+        }));
+        self.retired.retain(|r| Arc::strong_count(&r.mapping) > 1);
     }
 
     /// Translates an address in the frontend's virtual address space (as used by
@@ -248,12 +275,19 @@ impl MemoryTable {
         .map_err(MemoryError::Mmap)?;
         let mapping = GuestRegionMmap::new(mmap, GuestAddress(gpa))
             .ok_or(MemoryError::Overflow(gpa, size))?;
+        // The frontend keeps the descriptor and may shrink the file under us: guard the
+        // mapping so that a SIGBUS there ends this frontend's session, not the daemon.
+        let guard = crate::revoke::guard(mapping.as_ptr(), map_len);
+        if guard.is_none() {
+            crate::guest_warn!(gpa, "too many mappings to guard: this region is unguarded");
+        }
         self.regions.push(Region {
             guest_phys_addr: gpa,
             size,
             user_addr: uva,
             refs: 1,
             mapping: Arc::new(mapping),
+            guard,
         });
         Ok(())
     }

@@ -22,6 +22,11 @@ pub(crate) struct Tracking {
     pub batch: Vec<u16>,
 }
 
+/// Completions published together at most, while pipelining and no interrupt is due (A/B with
+/// the harness: 16 vs 1 gave net TX 64 B across CPUs 417K vs 337-392K frames/s, block within
+/// noise).
+const PUBLISH_EVERY: u32 = 16;
+
 fn tracking_error(e: crate::inflight::InflightError) -> RingError {
     RingError::Inflight(e.to_string())
 }
@@ -69,6 +74,9 @@ impl<'a> QueueCtx<'a> {
     /// Takes the next chain (first those owed from before a restart, then new available ones);
     /// its descriptors go into `descs`.
     pub fn pop(&mut self, descs: &mut Vec<Desc>) -> Result<Option<AvailChain>, RingError> {
+        if let Some(chain) = self.ring.take_held(self.mem, descs) {
+            return Ok(Some(chain));
+        }
         if let Some(head) = self.tracking.resubmit.pop_front() {
             return Ok(Some(self.ring.chain_at(self.mem, head, descs)));
         }
@@ -81,11 +89,16 @@ impl<'a> QueueCtx<'a> {
         Ok(chain)
     }
 
-    /// Puts the last `count` taken chains back, to be taken again later (e.g. receive buffers
-    /// gathered for a frame that turned out smaller, or that did not arrive). Not for queues
-    /// with inflight tracking.
-    pub fn unpop(&mut self, count: u16) {
-        self.ring.rewind_avail(count);
+    /// Gives a taken chain back, to be handed out again by `pop` before any other (receive
+    /// buffers gathered for a frame that did not arrive). The engine keeps it: the ring is never
+    /// rewound, so a chain completed meanwhile cannot come out again. Refused on queues with
+    /// inflight tracking, whose record says the chain was taken.
+    pub fn put_back(&mut self, chain: &AvailChain) -> Result<(), RingError> {
+        if self.tracking.inflight.is_some() {
+            return Err(RingError::PutBackWithInflight);
+        }
+        self.ring.hold(chain);
+        Ok(())
     }
 
     /// Asks the guest to kick once it adds buffers beyond those already available (the handler
@@ -110,15 +123,24 @@ impl<'a> QueueCtx<'a> {
             self.tracking.batch.push(head);
         }
         if self.pipeline.publish_each() {
-            self.publish()?;
             // Interrupt once the guest has as much to reap as we have left to do: it then
             // refills while we finish, and one interrupt serves many completions (an
             // interrupt per completion costs more than the work on a fast device). The last
-            // completion of the work in sight always interrupts.
-            if let Some(unseen) = self.ring.interrupt_owed(self.mem)? {
-                if unseen >= self.ring.outstanding() {
-                    self.pipeline.signal_mid_pass(self.call);
-                    self.ring.signalled();
+            // completion of the work in sight always interrupts. Between interrupts, publish
+            // every few completions for a guest that polls: each publish moves a cache line
+            // the guest is reading to the other CPU.
+            let outstanding = self.ring.outstanding();
+            let due = self
+                .ring
+                .interrupt_due(self.mem)?
+                .is_some_and(|unseen| unseen >= outstanding);
+            if due || self.unpublished >= PUBLISH_EVERY {
+                self.publish()?;
+                if let Some(unseen) = self.ring.interrupt_owed(self.mem)? {
+                    if unseen >= outstanding {
+                        self.pipeline.signal_mid_pass(self.call);
+                        self.ring.signalled();
+                    }
                 }
             }
         }
@@ -140,6 +162,11 @@ impl<'a> QueueCtx<'a> {
         }
         self.tracking.batch.clear();
         Ok(())
+    }
+
+    /// Before the ring stops: hands back held chains (see [`SplitRing::release_held`]).
+    pub(crate) fn release_held(&mut self) -> Result<(), RingError> {
+        self.ring.release_held(self.mem)
     }
 
     /// Ends a pass: publishes what is left and interrupts the guest if it wants to be.

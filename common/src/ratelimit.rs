@@ -80,6 +80,18 @@ macro_rules! guest_warn {
     }};
 }
 
+/// Like [`guest_warn!`], at info level: for events a guest may cause at will that are worth
+/// telling (the blk write-cache mode), rate-limited the same way.
+#[macro_export]
+macro_rules! guest_info {
+    ($($arg:tt)+) => {{
+        static LIMIT: $crate::ratelimit::RateLimit = $crate::ratelimit::RateLimit::new();
+        if let Some(suppressed) = LIMIT.check() {
+            ::tracing::event!(::tracing::Level::INFO, suppressed, $($arg)+);
+        }
+    }};
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -54,6 +54,8 @@ pub enum ServeError {
     },
     #[error("systemd passed {0} sockets; exactly one is supported")]
     ListenFds(usize),
+    #[error("cannot install the guard against revoked guest memory (SIGBUS)")]
+    Revoke(#[source] io::Error),
 }
 
 const BACKOFF_START_MS: u64 = 10;
@@ -106,6 +108,7 @@ pub fn serve<D: Device>(
     signals: &Signals,
     opts: EngineOptions,
 ) -> Result<(), ServeError> {
+    crate::revoke::install().map_err(ServeError::Revoke)?;
     match endpoint {
         Bound::Listener { listener, path } => {
             let _cleanup = path.map(RemoveOnDrop);
@@ -181,6 +184,8 @@ fn accept_loop<D: Device>(
                 device.report();
                 continue;
             }
+            // Only sessions wait on a second descriptor.
+            Wait::Other => continue,
             Wait::Readable => {}
         }
         let stream = match listener.accept() {

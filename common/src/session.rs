@@ -69,6 +69,8 @@ pub enum RequestError {
     UnofferedFeatures(u64),
     #[error("protocol features {0:#x} were not offered")]
     UnofferedProtocolFeatures(u64),
+    #[error("{0:?} belongs to a protocol feature that was not negotiated")]
+    ProtocolFeatureNotNegotiated(FrontendReq),
     #[error("SET_VRING_ENABLE before protocol features were negotiated")]
     ProtocolFeaturesNotNegotiated,
     #[error("invalid config access")]
@@ -199,11 +201,24 @@ impl<D: Device> Session<D> {
             .channel
             .stream()
             .set_read_timeout(Some(std::time::Duration::from_secs(5)));
+        // A revocation reported for an earlier frontend is not this one's.
+        crate::revoke::take_revoked();
         loop {
-            match shutdown.wait_readable(self.channel.as_fd()) {
+            match shutdown.wait_readable_or(self.channel.as_fd(), crate::revoke::revoked_fd()) {
                 crate::signals::Wait::Shutdown => return SessionEnd::Shutdown,
                 crate::signals::Wait::Report => {
                     self.device.report();
+                    continue;
+                }
+                crate::signals::Wait::Other => {
+                    if crate::revoke::take_revoked() {
+                        // Once per frontend: it shrank memory it had shared with us.
+                        tracing::event!(
+                            tracing::Level::WARN,
+                            "the frontend revoked guest memory (a shared mapping shrank under a queue): closing its connection"
+                        );
+                        return SessionEnd::Disconnected;
+                    }
                     continue;
                 }
                 crate::signals::Wait::Readable => {}
@@ -236,6 +251,9 @@ impl<D: Device> Session<D> {
                 want: *allowed_fds(r).end(),
                 got: msg.fds.len(),
             }),
+            Some(r) if !self.negotiated(needed_protocol_feature(r)) => {
+                Err(RequestError::ProtocolFeatureNotNegotiated(r))
+            }
             Some(r) => self.handle(r, &msg.payload, msg.fds),
         };
         let has_own_reply = req.is_some_and(has_reply);
@@ -255,6 +273,14 @@ impl<D: Device> Session<D> {
                     self.ack(&header, 1)
                 }
             }
+        }
+    }
+
+    /// Whether `feature` (if a request needs one) was offered by us and acked by the frontend.
+    fn negotiated(&self, feature: Option<VhostUserProtocolFeatures>) -> bool {
+        match feature {
+            None => true,
+            Some(f) => self.acked_protocol.is_some_and(|p| p.contains(f)),
         }
     }
 
@@ -488,6 +514,7 @@ impl<D: Device> Session<D> {
                 self.device
                     .write_config(offset, data)
                     .map_err(RequestError::Config)?;
+                self.save_device_state()?;
                 Ok(Reply::Ack)
             }
             R::NET_SET_MTU => {
@@ -512,6 +539,7 @@ impl<D: Device> Session<D> {
                     .try_clone_to_owned()
                     .map_err(RequestError::EventFd)?;
                 self.inflight = Some(Arc::new(region));
+                self.save_device_state()?;
                 Ok(Reply::PayloadWithFd(reply.as_slice().to_vec(), fd))
             }
             R::SET_INFLIGHT_FD => {
@@ -525,6 +553,16 @@ impl<D: Device> Session<D> {
                     q.num_queues,
                     q.queue_size,
                 )?;
+                match region.device_state() {
+                    // A restart: the guest's earlier choices (QEMU does not send them again).
+                    Some(state) => {
+                        self.device.restore_state(&state);
+                        tracing::info!("device state restored from the inflight region");
+                    }
+                    None => {
+                        region.set_device_state(&self.device.persistent_state())?;
+                    }
+                }
                 self.inflight = Some(Arc::new(region));
                 Ok(Reply::Ack)
             }
@@ -536,6 +574,14 @@ impl<D: Device> Session<D> {
             }
             other => Err(RequestError::Unsupported(other)),
         }
+    }
+
+    /// Writes the device's persistent state into the inflight region, if there is one.
+    fn save_device_state(&self) -> Result<(), RequestError> {
+        if let Some(region) = &self.inflight {
+            region.set_device_state(&self.device.persistent_state())?;
+        }
+        Ok(())
     }
 
     fn slot(&mut self, i: u16) -> Result<&mut QueueSlot, RequestError> {
@@ -787,6 +833,38 @@ fn allowed_fds(req: FrontendReq) -> std::ops::RangeInclusive<usize> {
         // QEMU 7.2 sends none with REM_MEM_REG, later versions may send the region's.
         R::REM_MEM_REG | R::SET_VRING_KICK | R::SET_VRING_CALL | R::SET_VRING_ERR => 0..=1,
         _ => 0..=0,
+    }
+}
+
+/// The protocol feature a request belongs to (vhost-user.rst, "Front-end message types"): it
+/// is refused unless that feature was negotiated, so a frontend cannot reach code paths (and
+/// resources: inflight regions, a backend channel) the device never offered.
+///
+/// | request | needs |
+/// | --- | --- |
+/// | GET_QUEUE_NUM | MQ |
+/// | GET_MAX_MEM_SLOTS, ADD_MEM_REG, REM_MEM_REG | CONFIGURE_MEM_SLOTS |
+/// | GET_CONFIG, SET_CONFIG | CONFIG |
+/// | GET_INFLIGHT_FD, SET_INFLIGHT_FD | INFLIGHT_SHMFD |
+/// | SET_BACKEND_REQ_FD | BACKEND_REQ |
+/// | NET_SET_MTU | MTU |
+/// | SET_LOG_BASE | LOG_SHMFD |
+/// | SEND_RARP | RARP |
+/// | GET_STATUS, SET_STATUS | STATUS |
+fn needed_protocol_feature(req: FrontendReq) -> Option<VhostUserProtocolFeatures> {
+    use FrontendReq as R;
+    use VhostUserProtocolFeatures as P;
+    match req {
+        R::GET_QUEUE_NUM => Some(P::MQ),
+        R::GET_MAX_MEM_SLOTS | R::ADD_MEM_REG | R::REM_MEM_REG => Some(P::CONFIGURE_MEM_SLOTS),
+        R::GET_CONFIG | R::SET_CONFIG => Some(P::CONFIG),
+        R::GET_INFLIGHT_FD | R::SET_INFLIGHT_FD => Some(P::INFLIGHT_SHMFD),
+        R::SET_BACKEND_REQ_FD => Some(P::BACKEND_REQ),
+        R::NET_SET_MTU => Some(P::MTU),
+        R::SET_LOG_BASE => Some(P::LOG_SHMFD),
+        R::SEND_RARP => Some(P::RARP),
+        R::GET_STATUS | R::SET_STATUS => Some(P::STATUS),
+        _ => None,
     }
 }
 

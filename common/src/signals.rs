@@ -16,6 +16,8 @@ pub enum Wait {
     Shutdown,
     /// SIGUSR1: log counters.
     Report,
+    /// The second descriptor of [`Signals::wait_readable_or`] is readable.
+    Other,
 }
 
 #[derive(Debug)]
@@ -55,6 +57,46 @@ impl Signals {
         loop {
             if let Some(w) = self.wait(Some(fd), -1) {
                 return w;
+            }
+        }
+    }
+
+    /// Waits until `fd` or `other` is readable or a signal arrives.
+    pub fn wait_readable_or(&self, fd: BorrowedFd<'_>, other: Option<BorrowedFd<'_>>) -> Wait {
+        loop {
+            let mut fds = [
+                libc::pollfd {
+                    fd: self.fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: other.map_or(-1, |f| f.as_raw_fd()),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: `fds` is a valid array of three pollfds (a negative fd is ignored).
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 3, -1) };
+            if n <= 0 {
+                continue;
+            }
+            let [sig, main, extra] = fds;
+            if sig.revents != 0 {
+                if let Some(w) = self.read_signal() {
+                    return w;
+                }
+            }
+            if extra.revents != 0 {
+                return Wait::Other;
+            }
+            if main.revents != 0 {
+                return Wait::Readable;
             }
         }
     }

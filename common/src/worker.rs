@@ -287,7 +287,12 @@ fn finish<H: QueueHandler>(spec: &mut WorkerSpec<H>) {
         &mut spec.pipeline,
         &spec.call,
     );
-    let result = spec.handler.drain(&mut ctx).and_then(|()| ctx.flush());
+    let result = spec
+        .handler
+        .drain(&mut ctx)
+        .and_then(|()| ctx.flush())
+        .and_then(|()| ctx.release_held())
+        .and_then(|()| ctx.flush());
     if let Err(e) = result {
         guest_warn!(
             queue = spec.index,

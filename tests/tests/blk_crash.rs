@@ -172,3 +172,35 @@ fn without_inflight_tracking_the_same_crashes_lose_or_repeat_requests() -> Resul
     );
     Ok(())
 }
+
+/// `wce` in the virtio-blk config space (struct virtio_blk_config).
+const WCE_OFFSET: u32 = 32;
+
+/// A guest that turned its write cache off expects every write durable before it completes; QEMU
+/// does not send the config again after a backend restart, so the choice has to come back with
+/// the state QEMU hands back (the inflight region).
+#[test]
+fn write_cache_choice_survives_a_daemon_restart() -> Result<()> {
+    let mut fx = BlkFixture::start(16 << 20, &[])?;
+    let mut fe = bulkhead_tests::frontend::Frontend::start(fx.connect()?, Setup::default())?;
+    assert!(fe.inflight().is_some(), "inflight tracking negotiated");
+    assert_eq!(
+        fe.conn.get_config(WCE_OFFSET, 1)?,
+        Some(vec![1]),
+        "write-back at first"
+    );
+    fe.conn.set_config(WCE_OFFSET, &[0])?;
+    fx.crash_and_restart()?;
+    fe.reconnect(fx.connect()?)?;
+    assert_eq!(
+        fe.conn.get_config(WCE_OFFSET, 1)?,
+        Some(vec![0]),
+        "write-through after the restart, as the guest asked"
+    );
+    // A new VM (a fresh inflight region) starts at the default again.
+    drop(fe);
+    let fe = bulkhead_tests::frontend::Frontend::start(fx.connect()?, Setup::default())?;
+    let mut fe = fe;
+    assert_eq!(fe.conn.get_config(WCE_OFFSET, 1)?, Some(vec![1]));
+    Ok(())
+}

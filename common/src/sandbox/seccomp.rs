@@ -18,6 +18,10 @@ pub enum SeccompError {
     Build(#[from] seccompiler::BackendError),
     #[error("cannot compile the seccomp filter")]
     Compile(#[from] seccompiler::Error),
+    #[error(
+        "no seccomp allow-list for {0} (written for x86_64 and aarch64): run with --no-seccomp"
+    )]
+    UnsupportedArch(&'static str),
     #[error("cannot install the SIGSYS reporter")]
     Handler(#[source] std::io::Error),
 }
@@ -76,13 +80,10 @@ const ENGINE: &[i64] = &[
     libc::SYS_getsockopt,
     libc::SYS_setsockopt,
     libc::SYS_shutdown,
-    libc::SYS_unlink,
     // waiting
     libc::SYS_epoll_create1,
     libc::SYS_epoll_ctl,
-    libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
-    libc::SYS_poll,
     libc::SYS_ppoll,
     libc::SYS_eventfd2,
     libc::SYS_futex,
@@ -119,6 +120,27 @@ const ENGINE: &[i64] = &[
     libc::SYS_exit_group,
 ];
 
+/// Calls of the above kind that only some architectures have under these names (aarch64 has
+/// only the `*at`/`p*` forms; libc then uses those).
+#[cfg(target_arch = "x86_64")]
+const ARCH_SPECIFIC: &[i64] = &[libc::SYS_unlink, libc::SYS_epoll_wait, libc::SYS_poll];
+#[cfg(target_arch = "aarch64")]
+const ARCH_SPECIFIC: &[i64] = &[libc::SYS_unlinkat];
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+const ARCH_SPECIFIC: &[i64] = &[];
+
+/// The architecture the filter is compiled for. The allow-list names system calls through
+/// `libc`'s per-target numbers, so it holds for both architectures it has been written for.
+fn target_arch() -> Result<TargetArch, SeccompError> {
+    if cfg!(target_arch = "x86_64") {
+        Ok(TargetArch::x86_64)
+    } else if cfg!(target_arch = "aarch64") {
+        Ok(TargetArch::aarch64)
+    } else {
+        Err(SeccompError::UnsupportedArch(std::env::consts::ARCH))
+    }
+}
+
 /// Only `socket(AF_UNIX, …)`: reconnecting to a VMM and sd_notify.
 fn socket_rule() -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
     let unix = SeccompCondition::new(
@@ -131,8 +153,11 @@ fn socket_rule() -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
 }
 
 fn rules(extra: &[Allow]) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::BackendError> {
-    let mut map: BTreeMap<i64, Vec<SeccompRule>> =
-        ENGINE.iter().map(|s| (*s, Vec::new())).collect();
+    let mut map: BTreeMap<i64, Vec<SeccompRule>> = ENGINE
+        .iter()
+        .chain(ARCH_SPECIFIC)
+        .map(|s| (*s, Vec::new()))
+        .collect();
     map.insert(libc::SYS_socket, socket_rule()?);
     for a in extra {
         if a.arg1_in.is_empty() {
@@ -158,7 +183,7 @@ pub fn program(extra: &[Allow]) -> Result<BpfProgram, SeccompError> {
         rules(extra)?,
         SeccompAction::Trap,
         SeccompAction::Allow,
-        TargetArch::x86_64,
+        target_arch()?,
     )?;
     Ok(filter.try_into()?)
 }
@@ -169,7 +194,7 @@ pub fn install(extra: &[Allow]) -> Result<(), SeccompError> {
     install_reporter().map_err(SeccompError::Handler)?;
     seccompiler::apply_filter(&prog)?;
     tracing::info!(
-        allowed = ENGINE.len() + 1 + extra.len(),
+        allowed = ENGINE.len() + ARCH_SPECIFIC.len() + 1 + extra.len(),
         "seccomp filter installed"
     );
     Ok(())
@@ -187,8 +212,8 @@ fn install_reporter() -> std::io::Result<()> {
     Ok(())
 }
 
-/// Offset of `si_syscall` in the SIGSYS `siginfo_t` on x86_64 Linux (after signo, errno, code,
-/// padding and the 8-byte call address).
+/// Offset of `si_syscall` in the SIGSYS `siginfo_t` on 64-bit Linux, x86_64 and aarch64 alike
+/// (after signo, errno, code, padding and the 8-byte call address).
 const SI_SYSCALL_OFFSET: usize = 24;
 
 /// Names the trapped system call and exits. Only async-signal-safe calls (write, _exit).

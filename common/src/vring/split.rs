@@ -43,12 +43,16 @@ pub enum RingError {
     AvailIndexJump(u16),
     #[error("inflight region unusable: {0}")]
     Inflight(String),
+    #[error("a chain cannot be put back on a queue with inflight tracking")]
+    PutBackWithInflight,
 }
 
 /// A chain taken from the available ring.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AvailChain {
     pub head: u16,
+    /// Position in the available ring it was taken from (for putting it back).
+    pub pos: u16,
     /// Set when the chain is malformed; the descriptors read so far are unusable.
     pub error: Option<ChainError>,
 }
@@ -70,6 +74,8 @@ pub struct SplitRing {
     /// `armed_at` is the first completion it has not seen.
     owed: bool,
     armed_at: Wrapping<u16>,
+    /// Chains taken and put back, to be handed out again first: `(head, available position)`.
+    held: std::collections::VecDeque<(u16, u16)>,
 }
 
 impl SplitRing {
@@ -116,6 +122,7 @@ impl SplitRing {
             signalled_used: Wrapping(used_idx),
             owed: false,
             armed_at: Wrapping(used_idx),
+            held: std::collections::VecDeque::new(),
         })
     }
 
@@ -154,13 +161,54 @@ impl SplitRing {
             indirect: self.indirect,
         };
         let error = chain::walk(mem, self.addrs.desc, head, limits, descs).err();
-        AvailChain { head, error }
+        AvailChain {
+            head,
+            pos: self.next_avail.0,
+            error,
+        }
     }
 
-    /// Steps `next_avail` back over `count` chains that were taken but never executed, so a later
-    /// start (after a restart on the guest side) takes them again.
-    pub fn rewind_avail(&mut self, count: u16) {
-        self.next_avail -= Wrapping(count);
+    /// Keeps a taken chain to hand out again before any other (a receive buffer gathered for a
+    /// frame that did not come). Chains come back in the order they were put back.
+    pub fn hold(&mut self, chain: &AvailChain) {
+        self.held.push_back((chain.head, chain.pos));
+    }
+
+    /// The oldest held chain, its descriptors read again into `descs`.
+    pub fn take_held(&mut self, mem: &GuestAccess, descs: &mut Vec<Desc>) -> Option<AvailChain> {
+        let (head, pos) = self.held.pop_front()?;
+        let mut c = self.chain_at(mem, head, descs);
+        c.pos = pos;
+        Some(c)
+    }
+
+    /// Chains held when the ring stops: if they are the last ones taken, in order, `next_avail`
+    /// steps back over them, so the next start takes them again; otherwise (another chain was
+    /// completed between them) they are returned to the guest empty, which a driver recycles.
+    /// Either way each chain goes back exactly once.
+    pub fn release_held(&mut self, mem: &GuestAccess) -> Result<(), RingError> {
+        let n = u16::try_from(self.held.len()).unwrap_or(u16::MAX);
+        let first = self.next_avail - Wrapping(n);
+        let tail = self
+            .held
+            .iter()
+            .zip(0..)
+            .all(|(&(_, pos), i)| Wrapping(pos) == first + Wrapping(i));
+        if tail {
+            self.next_avail = first;
+            self.shadow_avail = first;
+            self.held.clear();
+            return Ok(());
+        }
+        while let Some((head, _)) = self.held.pop_front() {
+            self.push_used(mem, head, 0)?;
+        }
+        self.publish_used(mem)
+    }
+
+    /// Chains held to be handed out again.
+    pub fn held(&self) -> usize {
+        self.held.len()
     }
 
     fn avail_idx(&self, mem: &GuestAccess) -> Result<Wrapping<u16>, RingError> {
@@ -195,13 +243,14 @@ impl SplitRing {
             .load_u16(elem(self.addrs.avail, AVAIL_ELEM, slot), Ordering::Relaxed)
             .map_err(|_| RingError::Memory)?;
         let head = u16::from_le(head);
+        let pos = self.next_avail.0;
         self.next_avail += Wrapping(1);
         let limits = WalkLimits {
             queue_size: self.size,
             indirect: self.indirect,
         };
         let error = chain::walk(mem, self.addrs.desc, head, limits, descs).err();
-        Ok(Some(AvailChain { head, error }))
+        Ok(Some(AvailChain { head, pos, error }))
     }
 
     /// Writes a used element; the guest sees it after [`publish_used`](Self::publish_used).
@@ -236,6 +285,33 @@ impl SplitRing {
     /// The answer stays yes until [`signalled`](Self::signalled) is called.
     pub fn needs_signal(&mut self, mem: &GuestAccess) -> Result<bool, RingError> {
         Ok(self.interrupt_owed(mem)?.is_some())
+    }
+
+    /// A look ahead, changing nothing: would the guest want an interrupt if everything written
+    /// so far were published, and how many completions would it find? The decision itself is
+    /// [`interrupt_owed`](Self::interrupt_owed), over what was published.
+    pub fn interrupt_due(&self, mem: &GuestAccess) -> Result<Option<u16>, RingError> {
+        if self.owed {
+            return Ok(Some((self.next_used - self.armed_at).0));
+        }
+        let (old, new) = (self.signalled_used, self.next_used);
+        if old == new {
+            return Ok(None);
+        }
+        if self.event_idx {
+            let at = elem(self.addrs.avail, AVAIL_ELEM, u64::from(self.size));
+            let used_event = Wrapping(u16::from_le(
+                mem.load_u16(at, Ordering::Relaxed)
+                    .map_err(|_| RingError::Memory)?,
+            ));
+            Ok((new - used_event - Wrapping(1) < new - old).then_some((new - used_event).0))
+        } else {
+            let flags = u16::from_le(
+                mem.load_u16(self.addrs.avail, Ordering::Relaxed)
+                    .map_err(|_| RingError::Memory)?,
+            );
+            Ok((flags & AVAIL_F_NO_INTERRUPT == 0).then_some((new - old).0))
+        }
     }
 
     /// If the guest is owed an interrupt: how many published completions it has not seen (it

@@ -142,7 +142,10 @@ impl Device for BlkDevice {
         match (offset as usize, data) {
             (WCE_OFFSET, [wce]) => {
                 self.shared.writeback.store(*wce != 0, Ordering::Relaxed);
-                tracing::info!(writeback = *wce != 0, "guest changed the write cache mode");
+                bulkhead_common::guest_info!(
+                    writeback = *wce != 0,
+                    "guest changed the write cache mode"
+                );
                 Ok(())
             }
             _ => Err(DeviceError::ConfigReadOnly(offset)),
@@ -166,6 +169,17 @@ impl Device for BlkDevice {
             index,
             source: Box::new(e),
         })
+    }
+
+    fn persistent_state(&self) -> Vec<u8> {
+        vec![u8::from(self.shared.writeback.load(Ordering::Relaxed))]
+    }
+
+    fn restore_state(&self, state: &[u8]) {
+        // One byte: the write-back flag. Anything else is not ours (or corrupt): keep the default.
+        if let [flag @ (0 | 1)] = state {
+            self.shared.writeback.store(*flag == 1, Ordering::Relaxed);
+        }
     }
 
     fn disconnected(&self) {

@@ -9,7 +9,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use bulkhead_common::vring::{Desc, RingError};
+use bulkhead_common::vring::{AvailChain, Desc, RingError};
 use bulkhead_common::{guest_warn, Progress, QueueCtx, QueueHandler};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -21,7 +21,7 @@ use bulkhead_common::iov;
 /// A receive chain taken from the ring, ready to be filled.
 #[derive(Debug, Clone, Copy)]
 struct Buffer {
-    head: u16,
+    chain: AvailChain,
     capacity: u32,
     /// Where `num_buffers` of a header placed at the start of this chain would go.
     num_buffers_at: Option<GuestAddress>,
@@ -141,7 +141,7 @@ impl RxQueue {
             let num_buffers_at = byte_address(&self.descs, NUM_BUFFERS_OFFSET);
             self.iovs.extend(self.scratch.iter().copied());
             self.buffers.push_back(Buffer {
-                head: chain.head,
+                chain,
                 capacity: u32::try_from(capacity).unwrap_or(u32::MAX),
                 num_buffers_at,
                 iov_count: self.scratch.len(),
@@ -164,9 +164,18 @@ impl RxQueue {
         let n = unsafe { libc::readv(self.tap.fd(), self.scratch.as_ptr(), count) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EAGAIN) {
-                guest_warn!("TAP read failed: {e}");
-                self.stats.error();
+            match e.raw_os_error() {
+                Some(libc::EAGAIN) => {}
+                // The guest buffers are not there (the frontend revoked its memory): the ring
+                // cannot be served any more; the engine stops it and signals the error.
+                Some(libc::EFAULT) => {
+                    self.stats.error();
+                    return Err(RingError::Memory);
+                }
+                _ => {
+                    guest_warn!("TAP read failed: {e}");
+                    self.stats.error();
+                }
             }
             return Ok(false);
         }
@@ -193,26 +202,26 @@ impl RxQueue {
                 break;
             };
             self.iovs.drain(..b.iov_count.min(self.iovs.len()));
-            ctx.complete(b.head, *len)?;
+            ctx.complete(b.chain.head, *len)?;
         }
         if used.is_empty() {
             if let Some(b) = self.buffers.pop_front() {
                 self.iovs.drain(..b.iov_count.min(self.iovs.len()));
-                ctx.complete(b.head, 0)?;
+                ctx.complete(b.chain.head, 0)?;
             }
         }
         self.stats.packet(n.saturating_sub(self.hdr_len));
         Ok(true)
     }
 
-    /// Gives back chains taken but not filled, so they are taken again next time.
-    fn put_back(&mut self, ctx: &mut QueueCtx<'_>) {
-        let n = u16::try_from(self.buffers.len()).unwrap_or(u16::MAX);
-        if n > 0 {
-            ctx.unpop(n);
-        }
-        self.buffers.clear();
+    /// Gives back chains taken but not filled, so they are taken again next time (the engine
+    /// keeps them; chains completed meanwhile are not among them).
+    fn put_back(&mut self, ctx: &mut QueueCtx<'_>) -> Result<(), RingError> {
         self.iovs.clear();
+        for b in self.buffers.drain(..) {
+            ctx.put_back(&b.chain)?;
+        }
+        Ok(())
     }
 }
 
@@ -241,7 +250,7 @@ impl QueueHandler for RxQueue {
                     return Ok(Progress::Idle);
                 }
                 // Some buffers, but not enough for the largest frame: wait for more.
-                self.put_back(ctx);
+                self.put_back(ctx)?;
                 if ctx.kick_on_more_buffers()? {
                     continue;
                 }
@@ -252,13 +261,12 @@ impl QueueHandler for RxQueue {
                 return Ok(Progress::Waiting);
             }
         })();
-        self.put_back(ctx);
+        self.put_back(ctx)?;
         result
     }
 
     fn drain(&mut self, ctx: &mut QueueCtx<'_>) -> Result<(), RingError> {
-        self.put_back(ctx);
-        Ok(())
+        self.put_back(ctx)
     }
 }
 

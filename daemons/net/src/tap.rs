@@ -144,6 +144,16 @@ impl TapQueue {
         })
     }
 
+    /// A stand-in for a TAP queue: any non-blocking descriptor that reads and writes whole frames
+    /// (a datagram or seqpacket socket). For the receive path's tests and fuzzing, where a real
+    /// TAP needs privileges; nothing is checked or configured.
+    #[doc(hidden)]
+    pub fn stand_in(fd: OwnedFd) -> TapQueue {
+        TapQueue {
+            file: File::from(fd),
+        }
+    }
+
     /// Adopts an inherited descriptor number.
     pub fn from_raw(fd: RawFd) -> Result<TapQueue, TapError> {
         // SAFETY: F_GETFD only checks that the descriptor is open.

@@ -209,6 +209,13 @@ impl DriverQueue {
         Ok(())
     }
 
+    /// Takes descriptors out of the free list for good, without a chain in flight: a later
+    /// completion naming them is an error (a test that must see a chain coming back twice keeps
+    /// its descriptors from being reused for another chain).
+    pub fn withhold(&mut self, ids: &[u16]) {
+        self.free.retain(|f| !ids.contains(f));
+    }
+
     /// Takes descriptors out of the free list for a hand-made chain.
     pub fn reserve(&mut self, head: u16, ids: Vec<u16>) {
         self.free.retain(|f| !ids.contains(f));

@@ -58,12 +58,23 @@ pub struct Done {
     pub outcome: Outcome,
 }
 
+/// `user_data` of the cancel request (never a slot index, which fits 16 bits).
+const CANCEL_TAG: u64 = u64::MAX;
+
 /// The engine of one queue.
 pub struct Uring {
     ring: IoUring,
     eventfd: EventFd,
     slots: Vec<Slot>,
     free: Vec<u16>,
+}
+
+impl Drop for Uring {
+    /// Whatever ends the queue (a failed drain, a panicking worker), the kernel is done with
+    /// every request before the slots' iovecs and mappings go.
+    fn drop(&mut self) {
+        self.cancel_and_wait();
+    }
 }
 
 impl std::fmt::Debug for Uring {
@@ -204,6 +215,59 @@ impl Uring {
         }
     }
 
+    /// Cancels every request in flight and waits until the kernel reported each one, so that no
+    /// iovec the kernel may still write through outlives its guest memory mapping. Returns how
+    /// many requests it waited for. If waiting fails, the mappings of the requests still in
+    /// flight are leaked on purpose: memory that is never unmapped cannot be written after free.
+    pub fn cancel_and_wait(&mut self) -> usize {
+        let owed = self.in_flight();
+        if owed == 0 {
+            return 0;
+        }
+        let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any())
+            .build()
+            .user_data(CANCEL_TAG);
+        // SAFETY: a cancel request carries no buffers.
+        let pushed = unsafe { self.ring.submission().push(&cancel) };
+        if pushed.is_err() {
+            // A full submission queue: submit what is queued first, then try once more.
+            let _ = self.submit();
+            // SAFETY: as above.
+            let _ = unsafe { self.ring.submission().push(&cancel) };
+        }
+        while self.in_flight() > 0 {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    bulkhead_common::guest_warn!(
+                        "io_uring wait failed with {} requests in flight; keeping their memory mapped: {e}",
+                        self.in_flight()
+                    );
+                    for slot in &mut self.slots {
+                        if let Some(mem) = slot.mem.take() {
+                            std::mem::forget(mem);
+                        }
+                    }
+                    return owed;
+                }
+            }
+            let Self {
+                ring, slots, free, ..
+            } = self;
+            for c in ring.completion() {
+                let Ok(index) = u16::try_from(c.user_data()) else {
+                    continue; // the cancel request's own completion
+                };
+                if let Some(slot) = slots.get_mut(usize::from(index)) {
+                    slot.mem = None;
+                    free.push(index);
+                }
+            }
+        }
+        owed
+    }
+
     /// Collects finished requests into `done` without blocking. Cheap when nothing finished (two
     /// loads of the completion ring), so the queue can look after every request it queues. The
     /// eventfd is not read: the worker waits on it edge-triggered, and every completion the
@@ -257,4 +321,64 @@ fn finish(sync: &SyncIo<'_>, slot: &mut Slot, result: i32) -> Outcome {
         0
     };
     Outcome::ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::FromRawFd;
+
+    use super::*;
+
+    /// A read that never completes on its own: from an empty pipe.
+    /// Returns both ends of the pipe: the read stays pending while they are open.
+    fn pending_read(u: &mut Uring, mem: &GuestAccess) -> (std::fs::File, std::fs::File) {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills two descriptors into the array.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: the descriptor is fresh and ours.
+        let r = unsafe { std::fs::File::from_raw_fd(fds[0]) };
+        // SAFETY: as above.
+        let w = unsafe { std::fs::File::from_raw_fd(fds[1]) };
+        let slot = u.slots.get_mut(0).unwrap();
+        iov::build(mem, [(GuestAddress(0x1000), 4096)], &mut slot.iovs).unwrap();
+        let entry = opcode::Readv::new(types::Fd(r.as_raw_fd()), slot.iovs.as_ptr(), 1)
+            .build()
+            .user_data(0);
+        // SAFETY: the slot's iovecs and mapping stay alive until the completion is reaped.
+        unsafe { u.ring.submission().push(&entry).unwrap() };
+        slot.mem = Some(Arc::clone(mem.snapshot()));
+        u.free.retain(|&i| i != 0);
+        u.submit().unwrap();
+        (r, w)
+    }
+
+    #[test]
+    fn cancelling_waits_for_every_request_and_only_then_lets_the_memory_go() {
+        let mem = GuestAccess::new(Arc::new(
+            GuestMemory::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap(),
+        ));
+        let mut u = Uring::new(4).unwrap();
+        let _w = pending_read(&mut u, &mem);
+        assert_eq!(u.in_flight(), 1);
+        assert_eq!(
+            Arc::strong_count(mem.snapshot()),
+            2,
+            "the request holds the mapping"
+        );
+        assert_eq!(u.cancel_and_wait(), 1);
+        assert_eq!(u.in_flight(), 0);
+        assert_eq!(Arc::strong_count(mem.snapshot()), 1);
+    }
+
+    #[test]
+    fn dropping_the_engine_with_a_request_in_flight_returns_once_it_is_cancelled() {
+        let mem = GuestAccess::new(Arc::new(
+            GuestMemory::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap(),
+        ));
+        let mut u = Uring::new(4).unwrap();
+        let _w = pending_read(&mut u, &mem);
+        drop(u);
+        // The drop waited for the kernel: nothing refers to the mapping any more.
+        assert_eq!(Arc::strong_count(mem.snapshot()), 1);
+    }
 }
