@@ -68,7 +68,10 @@ fn best_backend(r: &Report, backend: Backend, qd: u32, cpus: Cpus) -> Option<&Bl
     r.blk
         .iter()
         .filter(|x| {
+            // The direct placement is the driver calling the device itself: no backend the
+            // driver could be too slow for.
             x.placement.is_backend()
+                && x.placement != BlkPlacement::InProcessDirect
                 && x.backend == backend
                 && x.depth == qd
                 && x.cpus == cpus
@@ -142,11 +145,12 @@ pub fn targets(r: &Report, t: &mut Vec<Target>) {
             });
         }
     }
-    // The driver must never be what a point measures.
+    // The driver must never be what a point measures: against a backend that completes at once
+    // on the other CPU, it must go at least twice as fast as the fastest real backend.
     let mut worst: Option<(f64, String)> = None;
     let mut checked = 0;
     for backend in [Backend::Null, Backend::Tmpfs] {
-        for cpus in Cpus::ALL {
+        for cpus in [Cpus::TwoPinned, Cpus::Unpinned] {
             for qd in depths(r, backend, cpus) {
                 let (Some(best), Some(ceiling)) = (
                     best_backend(r, backend, qd, cpus),
@@ -174,7 +178,7 @@ pub fn targets(r: &Report, t: &mut Vec<Target>) {
     }
     if let Some((ratio, at)) = worst {
         t.push(Target {
-            what: "the harness's driver reaches ≥ 2 × the best backend's rate at every block point"
+            what: "the harness's driver against an instant backend across CPUs reaches ≥ 2 × the best notifying backend's rate at every block point"
                 .into(),
             measured: format!("lowest ratio {ratio:.2}× over {checked} points, at {at}"),
             met: Some(ratio >= 2.0),
