@@ -40,6 +40,11 @@ pub struct ServeArgs {
     #[arg(long, value_enum, value_name = "POLICY", default_value_t = crate::pipeline::Completions::Adaptive)]
     pub completions: crate::pipeline::Completions,
 
+    /// Test-only: accept migration's dirty logging but mark nothing, so that a migration
+    /// corrupts the guest (the migration tests' negative control). Never use it otherwise.
+    #[arg(long, hide = true)]
+    pub test_break_dirty_log: bool,
+
     /// After set-up, switch to this user (and its group): open the image, TAP and socket as
     /// root, serve as nobody.
     #[arg(long, value_name = "USER")]
@@ -81,6 +86,7 @@ impl ServeArgs {
         EngineOptions {
             poll: std::time::Duration::from_micros(self.poll_us),
             completions: self.completions,
+            break_dirty_log: self.test_break_dirty_log,
         }
     }
     /// Where frontends come from: `--fd`, then a systemd-activated socket, then `--socket-path`.

@@ -61,6 +61,11 @@ pub trait Device: Send + Sync + 'static {
         u64::from(self.num_queues())
     }
 
+    /// SEND_RARP: announce the guest's MAC on the device's network after a migration (net only).
+    fn send_rarp(&self, _mac: [u8; 6]) -> Result<(), DeviceError> {
+        Err(DeviceError::Unsupported("SEND_RARP"))
+    }
+
     /// NET_SET_MTU: the MTU the frontend gives the guest (net only).
     fn set_mtu(&self, _mtu: u16) -> Result<(), DeviceError> {
         Err(DeviceError::Unsupported("NET_SET_MTU"))

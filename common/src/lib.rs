@@ -16,6 +16,7 @@
 pub mod capabilities;
 pub mod cli;
 pub mod device;
+pub mod dirty_log;
 pub mod guest_access;
 pub mod inflight;
 pub mod iov;

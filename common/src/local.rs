@@ -119,6 +119,10 @@ impl ThreadedQueue {
             poll,
             pipeline: Pipeline::adaptive(),
             view: None,
+            log: Arc::new(crate::dirty_log::LogState::new()),
+            used_log: Arc::new(std::sync::atomic::AtomicU64::new(
+                crate::worker::NO_USED_LOG,
+            )),
         };
         Ok(Self {
             worker: Some(Worker::spawn(spec).map_err(LocalError::Spawn)?),

@@ -23,6 +23,8 @@ pub struct EngineOptions {
     pub poll: Duration,
     /// When completions are published.
     pub completions: crate::pipeline::Completions,
+    /// Test-only: accept dirty logging but mark nothing (migration tests' negative control).
+    pub break_dirty_log: bool,
 }
 
 /// Where frontends come from.

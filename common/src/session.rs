@@ -9,14 +9,15 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
 use vhost::vhost_user::message::{
-    FrontendReq, VhostUserConfig, VhostUserInflight, VhostUserMemory, VhostUserMemoryRegion,
-    VhostUserProtocolFeatures, VhostUserSingleMemoryRegion, VhostUserVirtioFeatures,
-    VhostUserVringAddr, VhostUserVringState,
+    FrontendReq, VhostUserConfig, VhostUserInflight, VhostUserLog, VhostUserMemory,
+    VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserSingleMemoryRegion,
+    VhostUserVirtioFeatures, VhostUserVringAddr, VhostUserVringState,
 };
 use vm_memory::{ByteValued, GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::{Device, DeviceError};
+use crate::dirty_log::{DirtyLog, LogState};
 use crate::guest_warn;
 use crate::inflight::{InflightError, InflightRegion};
 use crate::memory::{GuestMemory, MemoryError, MemoryTable, MAX_MEM_SLOTS};
@@ -40,7 +41,13 @@ fn engine_protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::LOG_SHMFD
 }
+
+/// `VHOST_F_LOG_ALL`: log every write to guest memory (the frontend is migrating).
+const VHOST_F_LOG_ALL: u64 = 1 << 26;
+/// `VHOST_VRING_F_LOG` in SET_VRING_ADDR: log writes to the used ring at `log_guest_addr`.
+const VRING_F_LOG: u32 = 1;
 
 /// Why a request was refused.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +90,8 @@ pub enum RequestError {
     RingOutsideMemory(u64),
     #[error("inflight region refused")]
     Inflight(#[from] InflightError),
+    #[error("dirty log refused")]
+    Log(#[from] crate::dirty_log::LogError),
     #[error("cannot set up the eventfd")]
     EventFd(#[source] std::io::Error),
 }
@@ -106,7 +115,7 @@ enum Reply {
 }
 
 /// Ring addresses in the frontend's address space, translated when the ring starts.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct VmmRingAddrs {
     desc: u64,
     avail: u64,
@@ -124,6 +133,8 @@ struct QueueSlot {
     err: Arc<Signal>,
     enabled: bool,
     worker: Option<Worker>,
+    /// Where writes to the used ring are logged while migrating (shared with the worker).
+    used_log: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl QueueSlot {
@@ -137,6 +148,9 @@ impl QueueSlot {
             err: Arc::new(Signal::new()),
             enabled: false,
             worker: None,
+            used_log: Arc::new(std::sync::atomic::AtomicU64::new(
+                crate::worker::NO_USED_LOG,
+            )),
         }
     }
 }
@@ -153,6 +167,8 @@ pub struct Session<D: Device> {
     queues: Vec<QueueSlot>,
     backend_req: Option<UnixStream>,
     inflight: Option<Arc<InflightRegion>>,
+    /// The dirty log of a migration, shared with the queue workers.
+    log: Arc<LogState>,
     opts: crate::serve::EngineOptions,
 }
 
@@ -184,6 +200,11 @@ impl<D: Device> Session<D> {
             queues,
             backend_req: None,
             inflight: None,
+            log: {
+                let log = LogState::new();
+                log.set_broken_for_tests(opts.break_dirty_log);
+                Arc::new(log)
+            },
             opts,
         }
     }
@@ -297,7 +318,7 @@ impl<D: Device> Session<D> {
     }
 
     fn offered_features(&self) -> u64 {
-        self.device.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        self.device.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() | VHOST_F_LOG_ALL
     }
 
     fn offered_protocol(&self) -> VhostUserProtocolFeatures {
@@ -336,6 +357,8 @@ impl<D: Device> Session<D> {
                     return Err(RequestError::UnofferedFeatures(extra));
                 }
                 self.device.set_features(f)?;
+                // Migration starts and ends with this bit, while the queues run.
+                self.log.set_enabled(f & VHOST_F_LOG_ALL != 0);
                 self.acked_features = f;
                 self.features_set = true;
                 self.update_all_queues();
@@ -409,7 +432,28 @@ impl<D: Device> Session<D> {
             R::SET_VRING_ADDR => {
                 expect_fds(0, &fds)?;
                 let a: VhostUserVringAddr = decode_exact(payload).ok_or_else(bad)?;
-                let i = self.stopped_queue(u64::from(a.index))?;
+                let i = self.queue_index(u64::from(a.index))?;
+                let addrs = VmmRingAddrs {
+                    desc: a.descriptor,
+                    avail: a.available,
+                    used: a.used,
+                };
+                let used_log = if a.flags & VRING_F_LOG != 0 {
+                    a.log
+                } else {
+                    crate::worker::NO_USED_LOG
+                };
+                let slot = self.slot(i)?;
+                if slot.worker.is_some() {
+                    // A running ring may only change whether its used ring is logged (QEMU
+                    // turns that on and off around a migration without stopping the ring).
+                    if slot.vmm_addrs != Some(addrs) {
+                        return Err(RequestError::QueueRunning(i));
+                    }
+                    slot.used_log
+                        .store(used_log, std::sync::atomic::Ordering::Relaxed);
+                    return Ok(Reply::Ack);
+                }
                 // Memory comes first (QEMU's order): rings outside it are refused outright.
                 let outside = [a.descriptor, a.available, a.used]
                     .into_iter()
@@ -417,11 +461,10 @@ impl<D: Device> Session<D> {
                 if let (false, Some(va)) = (self.memory.is_empty(), outside) {
                     return Err(RequestError::RingOutsideMemory(va));
                 }
-                self.slot(i)?.vmm_addrs = Some(VmmRingAddrs {
-                    desc: a.descriptor,
-                    avail: a.available,
-                    used: a.used,
-                });
+                let slot = self.slot(i)?;
+                slot.vmm_addrs = Some(addrs);
+                slot.used_log
+                    .store(used_log, std::sync::atomic::Ordering::Relaxed);
                 self.update_queue(i);
                 Ok(Reply::Ack)
             }
@@ -564,6 +607,25 @@ impl<D: Device> Session<D> {
                     }
                 }
                 self.inflight = Some(Arc::new(region));
+                Ok(Reply::Ack)
+            }
+            R::SET_LOG_BASE => {
+                expect_fds(1, &fds)?;
+                let l: VhostUserLog = decode_exact(payload).ok_or_else(bad)?;
+                let fd = fds.into_iter().next().ok_or_else(bad)?;
+                let log = DirtyLog::map(fd, l.mmap_size, l.mmap_offset)?;
+                tracing::info!(bytes = log.len(), "dirty log installed");
+                // The old log (if any) goes once no worker's pass holds it.
+                self.log.replace(Some(log));
+                // The spec's answer to SET_LOG_BASE with LOG_SHMFD: a u64 payload, 0.
+                Ok(u64_reply(0))
+            }
+            R::SEND_RARP => {
+                expect_fds(0, &fds)?;
+                let mac: u64 = decode_exact(payload).ok_or_else(bad)?;
+                let b = mac.to_le_bytes();
+                self.device
+                    .send_rarp([b[0], b[1], b[2], b[3], b[4], b[5]])?;
                 Ok(Reply::Ack)
             }
             R::SET_BACKEND_REQ_FD => {
@@ -746,6 +808,8 @@ impl<D: Device> Session<D> {
             poll: self.opts.poll,
             pipeline: crate::pipeline::Pipeline::new(self.opts.completions),
             view: None,
+            log: Arc::clone(&self.log),
+            used_log: Arc::clone(&slot.used_log),
         };
         match Worker::spawn(spec) {
             Ok(w) => {
@@ -829,7 +893,7 @@ fn allowed_fds(req: FrontendReq) -> std::ops::RangeInclusive<usize> {
     use FrontendReq as R;
     match req {
         R::SET_MEM_TABLE => 0..=MAX_FDS,
-        R::ADD_MEM_REG | R::SET_BACKEND_REQ_FD | R::SET_INFLIGHT_FD => 1..=1,
+        R::ADD_MEM_REG | R::SET_BACKEND_REQ_FD | R::SET_INFLIGHT_FD | R::SET_LOG_BASE => 1..=1,
         // QEMU 7.2 sends none with REM_MEM_REG, later versions may send the region's.
         R::REM_MEM_REG | R::SET_VRING_KICK | R::SET_VRING_CALL | R::SET_VRING_ERR => 0..=1,
         _ => 0..=0,

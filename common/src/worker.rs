@@ -4,6 +4,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -13,6 +14,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::{Progress, QueueCtx, QueueHandler};
+use crate::dirty_log::LogState;
 use crate::guest_access::GuestAccess;
 use crate::guest_warn;
 use crate::memory::GuestMemory;
@@ -59,10 +61,25 @@ pub(crate) struct WorkerSpec<H> {
     pub pipeline: Pipeline,
     /// The fast view of the current guest memory snapshot, rebuilt when the snapshot changes.
     pub view: Option<Arc<GuestAccess>>,
+    /// The session's dirty-log state (migration).
+    pub log: Arc<LogState>,
+    /// Guest physical address the used ring is logged at (`u64::MAX`: not logged); the
+    /// frontend may set it while the ring runs.
+    pub used_log: Arc<AtomicU64>,
 }
 
-/// The view of the snapshot `spec.mem` holds now (rebuilt only when the table changed).
+/// No used-ring logging address.
+pub(crate) const NO_USED_LOG: u64 = u64::MAX;
+
+/// The view of the snapshot `spec.mem` holds now (rebuilt only when the table changed), with the
+/// ring set up to log for this pass if the frontend is migrating.
 fn view<H>(spec: &mut WorkerSpec<H>) -> Arc<GuestAccess> {
+    let log = spec.log.for_pass();
+    let used_log = match spec.used_log.load(Ordering::Relaxed) {
+        NO_USED_LOG => None,
+        at => Some(at),
+    };
+    spec.ring.set_log(log, used_log);
     let mem = spec.mem.memory().into_inner();
     match &spec.view {
         Some(v) if v.is_of(&mem) => Arc::clone(v),

@@ -787,3 +787,84 @@ pub fn inflight_region_truncated_under_a_running_queue(t: &dyn Target) -> Result
         }
     }
 }
+
+// --- dirty log -------------------------------------------------------------------------------
+
+fn set_log_base(t: &dyn Target, size: u64, offset: u64, fd: BorrowedFd<'_>) -> Result<Answer> {
+    ask(
+        &mut negotiated(t)?,
+        FrontendReq::SET_LOG_BASE,
+        vhost::vhost_user::message::VhostUserLog::new(size, offset).as_slice(),
+        &[fd],
+    )
+}
+
+pub fn dirty_log_larger_than_its_file(t: &dyn Target) -> Result<Answer> {
+    let fd = sized_memfd(4096)?;
+    set_log_base(t, MIB, 0, fd.as_fd())
+}
+
+pub fn dirty_log_offset_that_overflows(t: &dyn Target) -> Result<Answer> {
+    let fd = sized_memfd(4096)?;
+    set_log_base(t, 4096, u64::MAX - 4095, fd.as_fd())
+}
+
+pub fn dirty_log_backed_by_a_socket(t: &dyn Target) -> Result<Answer> {
+    let (a, _b) = std::os::unix::net::UnixStream::pair()?;
+    set_log_base(t, 4096, 0, a.as_fd())
+}
+
+pub fn dirty_log_without_log_shmfd_negotiated(t: &dyn Target) -> Result<Answer> {
+    let fd = sized_memfd(4096)?;
+    request_of_a_feature_not_negotiated(
+        t,
+        VhostUserProtocolFeatures::LOG_SHMFD,
+        FrontendReq::SET_LOG_BASE,
+        vhost::vhost_user::message::VhostUserLog::new(4096, 0).as_slice(),
+        &[fd.as_fd()],
+    )
+}
+
+/// A log the frontend shrinks while the daemon marks into it: the session ends.
+pub fn dirty_log_truncated_while_logging(t: &dyn Target) -> Result<Answer> {
+    let mut fe = crate::frontend::Frontend::start(
+        t.connect()?,
+        crate::frontend::Setup {
+            inflight: false,
+            ..crate::frontend::Setup::default()
+        },
+    )?;
+    fe.conn
+        .channel()
+        .stream()
+        .set_read_timeout(Some(ANSWER_TIMEOUT))?;
+    let log = fe.start_dirty_log()?;
+    std::fs::File::from(log.fd.try_clone()?).set_len(0)?;
+    // Any completion now marks the used ring's page in the log, which is gone. The ring lives
+    // in guest memory the test still has: post a request that fails (no status byte) and kick.
+    let mem = fe.ram.mem().clone();
+    let q = fe.queue(0);
+    let old = q.avail_idx();
+    q.add(
+        &mem,
+        &[crate::frontend::Buf::readable(
+            vm_memory::GuestAddress(MIB),
+            16,
+        )],
+    )?;
+    q.notify(&mem, old)?;
+    let deadline = std::time::Instant::now() + ANSWER_TIMEOUT;
+    loop {
+        let h = Header::request(FrontendReq::GET_FEATURES.into(), 0, false);
+        if fe.conn.channel().send(&h, &[], &[]).is_err() {
+            return Ok(Answer::Closed);
+        }
+        match fe.conn.channel().recv() {
+            Ok(Some(_)) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Ok(Some(_)) => bail!("the daemon still serves a frontend whose log is gone"),
+            Ok(None) | Err(_) => return closed(&mut fe.conn),
+        }
+    }
+}

@@ -123,6 +123,11 @@ cases! {
     inflight_region_handed_out_cannot_be_shrunk => Answer::Contained,
     inflight_region_with_a_corrupt_queue_block => Answer::Contained,
     inflight_region_truncated_under_a_running_queue => Answer::Closed,
+    dirty_log_larger_than_its_file => Answer::ErrorReply,
+    dirty_log_offset_that_overflows => Answer::ErrorReply,
+    dirty_log_backed_by_a_socket => Answer::ErrorReply,
+    dirty_log_without_log_shmfd_negotiated => Answer::ErrorReply,
+    dirty_log_truncated_while_logging => Answer::Closed,
 }
 
 #[test]

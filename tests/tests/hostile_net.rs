@@ -149,6 +149,11 @@ cases! {
     queue_size_above_the_maximum => Answer::AckFailure,
     ring_addresses_outside_guest_memory => Answer::AckFailure,
     misaligned_descriptor_table => Answer::Contained,
+    dirty_log_larger_than_its_file => Answer::ErrorReply,
+    dirty_log_offset_that_overflows => Answer::ErrorReply,
+    dirty_log_backed_by_a_socket => Answer::ErrorReply,
+    dirty_log_without_log_shmfd_negotiated => Answer::ErrorReply,
+    dirty_log_truncated_while_logging => Answer::Closed,
 }
 
 #[test]

@@ -14,6 +14,9 @@ use std::sync::atomic::{fence, Ordering};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::chain::{self, ChainError, Desc, WalkLimits, DESC_SIZE};
+use std::sync::Arc;
+
+use crate::dirty_log::DirtyLog;
 use crate::guest_access::GuestAccess;
 use crate::memory::GuestMemory;
 
@@ -76,6 +79,12 @@ pub struct SplitRing {
     armed_at: Wrapping<u16>,
     /// Chains taken and put back, to be handed out again first: `(head, available position)`.
     held: std::collections::VecDeque<(u16, u16)>,
+    /// Writable buffers of each chain in the device's hands, for the dirty log.
+    written: super::written::Written,
+    /// The dirty log of this pass (`None` unless migrating).
+    log: Option<Arc<DirtyLog>>,
+    /// Guest physical address at which the used ring is logged (`VHOST_VRING_F_LOG`).
+    used_log: Option<u64>,
 }
 
 impl SplitRing {
@@ -123,6 +132,9 @@ impl SplitRing {
             owed: false,
             armed_at: Wrapping(used_idx),
             held: std::collections::VecDeque::new(),
+            written: super::written::Written::new(size),
+            log: None,
+            used_log: None,
         })
     }
 
@@ -155,12 +167,13 @@ impl SplitRing {
 
     /// Reads the chain at `head` again without touching the available ring (resubmission of a
     /// chain taken before a crash).
-    pub fn chain_at(&self, mem: &GuestAccess, head: u16, descs: &mut Vec<Desc>) -> AvailChain {
+    pub fn chain_at(&mut self, mem: &GuestAccess, head: u16, descs: &mut Vec<Desc>) -> AvailChain {
         let limits = WalkLimits {
             queue_size: self.size,
             indirect: self.indirect,
         };
         let error = chain::walk(mem, self.addrs.desc, head, limits, descs).err();
+        self.written.record(head, descs);
         AvailChain {
             head,
             pos: self.next_avail.0,
@@ -250,6 +263,7 @@ impl SplitRing {
             indirect: self.indirect,
         };
         let error = chain::walk(mem, self.addrs.desc, head, limits, descs).err();
+        self.written.record(head, descs);
         Ok(Some(AvailChain { head, pos, error }))
     }
 
@@ -267,18 +281,51 @@ impl SplitRing {
             .ok_or(RingError::Memory)?;
         mem.write_val(len.to_le(), at.unchecked_add(4))
             .ok_or(RingError::Memory)?;
+        // Migrating: what the device wrote into the chain, then the element, both before the
+        // index that makes them visible is published.
+        self.written.complete(head, self.log.as_deref());
+        self.log_used(at, USED_ELEM);
         self.next_used += Wrapping(1);
         Ok(true)
     }
 
+    /// Logging for this pass: the session's current dirty log (`None` when not migrating) and
+    /// where the used ring is logged.
+    pub fn set_log(&mut self, log: Option<Arc<DirtyLog>>, used_log: Option<u64>) {
+        self.log = log;
+        self.used_log = used_log;
+    }
+
+    /// Stores a 16-bit field of the used ring (index, flags, avail_event) and logs it.
+    fn store_used(
+        &self,
+        mem: &GuestAccess,
+        val: u16,
+        at: GuestAddress,
+        order: Ordering,
+    ) -> Result<(), RingError> {
+        mem.store_u16(val, at, order)
+            .map_err(|_| RingError::Memory)?;
+        self.log_used(at, 2);
+        Ok(())
+    }
+
+    /// Marks a write of `len` bytes at `at` (inside the used ring) in the dirty log.
+    fn log_used(&self, at: GuestAddress, len: u64) {
+        if let (Some(log), Some(base)) = (self.log.as_deref(), self.used_log) {
+            let offset = at.0.wrapping_sub(self.addrs.used.0);
+            log.mark(base.wrapping_add(offset), len);
+        }
+    }
+
     /// Makes every pushed element visible to the guest.
     pub fn publish_used(&mut self, mem: &GuestAccess) -> Result<(), RingError> {
-        mem.store_u16(
+        self.store_used(
+            mem,
             self.next_used.0.to_le(),
             self.addrs.used.unchecked_add(2),
             Ordering::Release,
         )
-        .map_err(|_| RingError::Memory)
     }
 
     /// Whether the guest wants an interrupt for the elements published since the last call.
@@ -364,11 +411,9 @@ impl SplitRing {
     pub fn enable_notifications(&mut self, mem: &GuestAccess) -> Result<bool, RingError> {
         if self.event_idx {
             let at = elem(self.addrs.used, USED_ELEM, u64::from(self.size));
-            mem.store_u16(self.next_avail.0.to_le(), at, Ordering::Relaxed)
-                .map_err(|_| RingError::Memory)?;
+            self.store_used(mem, self.next_avail.0.to_le(), at, Ordering::Relaxed)?;
         } else {
-            mem.store_u16(0u16, self.addrs.used, Ordering::Relaxed)
-                .map_err(|_| RingError::Memory)?;
+            self.store_used(mem, 0u16, self.addrs.used, Ordering::Relaxed)?;
         }
         fence(Ordering::SeqCst);
         Ok(self.pending(mem)? != 0)
@@ -383,11 +428,9 @@ impl SplitRing {
         let seen = self.avail_idx(mem)?;
         if self.event_idx {
             let at = elem(self.addrs.used, USED_ELEM, u64::from(self.size));
-            mem.store_u16(seen.0.to_le(), at, Ordering::Relaxed)
-                .map_err(|_| RingError::Memory)?;
+            self.store_used(mem, seen.0.to_le(), at, Ordering::Relaxed)?;
         } else {
-            mem.store_u16(0u16, self.addrs.used, Ordering::Relaxed)
-                .map_err(|_| RingError::Memory)?;
+            self.store_used(mem, 0u16, self.addrs.used, Ordering::Relaxed)?;
         }
         fence(Ordering::SeqCst);
         Ok(self.avail_idx(mem)? != seen)
@@ -399,8 +442,7 @@ impl SplitRing {
         if self.event_idx {
             let at = elem(self.addrs.used, USED_ELEM, u64::from(self.size));
             let behind = self.next_avail - Wrapping(1);
-            mem.store_u16(behind.0.to_le(), at, Ordering::Relaxed)
-                .map_err(|_| RingError::Memory)
+            self.store_used(mem, behind.0.to_le(), at, Ordering::Relaxed)
         } else {
             self.disable_notifications(mem)
         }
@@ -409,8 +451,12 @@ impl SplitRing {
     /// Tells the guest kicks are not needed while we are processing anyway.
     pub fn disable_notifications(&mut self, mem: &GuestAccess) -> Result<(), RingError> {
         if !self.event_idx {
-            mem.store_u16(USED_F_NO_NOTIFY.to_le(), self.addrs.used, Ordering::Relaxed)
-                .map_err(|_| RingError::Memory)?;
+            self.store_used(
+                mem,
+                USED_F_NO_NOTIFY.to_le(),
+                self.addrs.used,
+                Ordering::Relaxed,
+            )?;
         }
         // With EVENT_IDX, avail_event is left behind as we advance, which suppresses kicks.
         Ok(())

@@ -121,10 +121,11 @@ impl Device for NetDevice {
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         // QEMU builds the virtio-net config space itself (and warns about a backend offering
         // CONFIG), so the config space is offered only when there is something of ours in it.
+        let base = VhostUserProtocolFeatures::MTU | VhostUserProtocolFeatures::RARP;
         if self.opts.mac.is_some() || self.opts.mtu.is_some() {
-            VhostUserProtocolFeatures::MTU | VhostUserProtocolFeatures::CONFIG
+            base | VhostUserProtocolFeatures::CONFIG
         } else {
-            VhostUserProtocolFeatures::MTU
+            base
         }
     }
 
@@ -160,6 +161,30 @@ impl Device for NetDevice {
                 dst.copy_from_slice(avail);
             }
         }
+        Ok(())
+    }
+
+    fn send_rarp(&self, mac: [u8; 6]) -> Result<(), DeviceError> {
+        // After a migration the switch in front of the TAP must learn where the guest's MAC
+        // went; a guest that did not negotiate GUEST_ANNOUNCE will not say so itself.
+        let hdr = vnet::header_len(self.acked.load(Ordering::Relaxed));
+        let mut frame = vec![0u8; hdr];
+        frame.extend_from_slice(&crate::rarp::frame(mac));
+        let tap = self
+            .taps
+            .first()
+            .ok_or(DeviceError::Unsupported("SEND_RARP without a TAP"))?;
+        tap.write_frame(&frame).map_err(|e| DeviceError::Queue {
+            index: 1,
+            source: Box::new(e),
+        })?;
+        tracing::info!(
+            mac = format_args!(
+                "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]
+            ),
+            "announced the guest's MAC (RARP)"
+        );
         Ok(())
     }
 

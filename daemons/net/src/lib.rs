@@ -15,6 +15,7 @@
 pub mod config;
 pub mod config_space;
 pub mod device;
+pub mod rarp;
 pub mod rx;
 pub mod stats;
 pub mod tap;

@@ -27,6 +27,8 @@ pub enum TapError {
     },
     #[error("cannot configure the TAP")]
     Configure(#[source] io::Error),
+    #[error("cannot write a frame to the TAP")]
+    Write(#[source] io::Error),
 }
 
 /// One queue of a TAP device.
@@ -211,6 +213,16 @@ impl TapQueue {
             other => other,
         }
         .map_err(TapError::Configure)
+    }
+
+    /// Writes one frame (with its virtio-net header) to the TAP.
+    pub fn write_frame(&self, frame: &[u8]) -> Result<(), TapError> {
+        // SAFETY: writes `frame`, valid for its length, to our TAP descriptor.
+        let n = unsafe { libc::write(self.fd(), frame.as_ptr().cast(), frame.len()) };
+        if n < 0 {
+            return Err(TapError::Write(io::Error::last_os_error()));
+        }
+        Ok(())
     }
 
     pub fn fd(&self) -> RawFd {

@@ -18,6 +18,10 @@ pub const F_PROTOCOL_FEATURES: u64 = 1 << 30;
 pub const F_EVENT_IDX: u64 = 1 << 29;
 pub const F_INDIRECT: u64 = 1 << 28;
 pub const F_VERSION_1: u64 = 1 << 32;
+/// VHOST_F_LOG_ALL: acked only while migrating.
+pub const F_LOG_ALL: u64 = 1 << 26;
+/// VHOST_VRING_F_LOG in SET_VRING_ADDR.
+const VRING_F_LOG: u32 = 1;
 
 /// How to set the device up.
 #[derive(Debug, Clone)]
@@ -115,7 +119,8 @@ fn negotiate(conn: &mut Connection, setup: &Setup) -> Result<Negotiated> {
     let mut want = VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIG
-        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::LOG_SHMFD;
     if setup.inflight {
         want |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
     }
@@ -172,7 +177,8 @@ impl Frontend {
         if setup.indirect {
             ring_bits |= F_INDIRECT;
         }
-        let device_bits = setup.device_features & !(F_EVENT_IDX | F_INDIRECT);
+        // LOG_ALL is a migration's, not a start's.
+        let device_bits = setup.device_features & !(F_EVENT_IDX | F_INDIRECT | F_LOG_ALL);
         let acked = n.offered & (device_bits | ring_bits | F_PROTOCOL_FEATURES | F_VERSION_1);
         let mut fe = Self {
             conn,
@@ -319,6 +325,129 @@ impl Frontend {
 
     pub fn has(&self, bit: u32) -> bool {
         self.acked & (1 << bit) != 0
+    }
+}
+
+/// The dirty log a migrating frontend shares with the backend (SET_LOG_BASE): one bit per
+/// 4 KiB page of guest memory.
+#[derive(Debug)]
+pub struct DirtyLogShm {
+    pub fd: OwnedFd,
+    map: vm_memory::MmapRegion<()>,
+}
+
+impl DirtyLogShm {
+    /// A log covering `ram_bytes` of guest memory.
+    pub fn new(ram_bytes: u64) -> Result<Self> {
+        let bytes = ram_bytes.div_ceil(4096).div_ceil(8).max(1);
+        let fd = super::ram::memfd("bulkhead-dirty-log")?;
+        std::fs::File::from(fd.try_clone()?).set_len(bytes)?;
+        let map = vm_memory::MmapRegion::from_file(
+            vm_memory::FileOffset::new(std::fs::File::from(fd.try_clone()?), 0),
+            usize::try_from(bytes)?,
+        )
+        .context("mapping the dirty log")?;
+        Ok(Self { fd, map })
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.map.size() as u64
+    }
+
+    /// Whether the page holding guest address `gpa` is marked.
+    pub fn is_dirty(&self, gpa: u64) -> bool {
+        let page = gpa / 4096;
+        let Ok(i) = usize::try_from(page / 8) else {
+            return false;
+        };
+        if i >= self.map.size() {
+            return false;
+        }
+        let p = self.map.as_ptr().wrapping_add(i);
+        // SAFETY: `i` is inside the mapping, which `self` keeps; a volatile read of shared memory.
+        let b = unsafe { std::ptr::read_volatile(p) };
+        b & (1 << (page % 8)) != 0
+    }
+
+    /// Every marked page's guest address.
+    pub fn dirty_pages(&self) -> Vec<u64> {
+        let pages = self.map.size() as u64 * 8;
+        (0..pages)
+            .filter(|p| self.is_dirty(p * 4096))
+            .map(|p| p * 4096)
+            .collect()
+    }
+
+    /// Clears the log (as a migration's sync does).
+    pub fn clear(&self) {
+        // SAFETY: writes zeros over the whole mapping, which `self` keeps.
+        unsafe { std::ptr::write_bytes(self.map.as_ptr(), 0, self.map.size()) };
+    }
+}
+
+impl Frontend {
+    /// What QEMU does when a migration starts: share a dirty log (SET_LOG_BASE, answered with a
+    /// u64), turn on LOG_ALL (SET_FEATURES, queues running) and ask for used-ring logging
+    /// (SET_VRING_ADDR with VHOST_VRING_F_LOG at the used ring's guest address).
+    pub fn start_dirty_log(&mut self) -> Result<DirtyLogShm> {
+        let total: u64 = self
+            .ram
+            .regions()
+            .iter()
+            .map(|r| r.guest_addr + r.size)
+            .max()
+            .unwrap_or(0);
+        let log = DirtyLogShm::new(total)?;
+        self.set_log_base(&log)?;
+        self.conn
+            .set_u64(FrontendReq::SET_FEATURES, self.acked | F_LOG_ALL)?;
+        for q in 0..self.setup.queues {
+            self.set_used_logging(q, true)?;
+        }
+        Ok(log)
+    }
+
+    /// SET_LOG_BASE with `log` (also to replace a log while logging).
+    pub fn set_log_base(&mut self, log: &DirtyLogShm) -> Result<()> {
+        let payload = vhost::vhost_user::message::VhostUserLog::new(log.bytes(), 0);
+        let reply = self
+            .conn
+            .request(
+                FrontendReq::SET_LOG_BASE,
+                payload.as_slice(),
+                &[log.fd.as_fd()],
+                true,
+            )?
+            .context("no reply to SET_LOG_BASE")?;
+        ensure!(
+            reply.payload.len() == 8,
+            "SET_LOG_BASE refused ({} bytes of reply)",
+            reply.payload.len()
+        );
+        Ok(())
+    }
+
+    /// What QEMU does when the migration ends: LOG_ALL off, used-ring logging off.
+    pub fn stop_dirty_log(&mut self) -> Result<()> {
+        self.conn.set_u64(FrontendReq::SET_FEATURES, self.acked)?;
+        for q in 0..self.setup.queues {
+            self.set_used_logging(q, false)?;
+        }
+        Ok(())
+    }
+
+    fn set_used_logging(&mut self, q: u16, on: bool) -> Result<()> {
+        let layout = self.queues[usize::from(q)].layout;
+        let a = vhost::vhost_user::message::VhostUserVringAddr {
+            index: u32::from(q),
+            flags: if on { VRING_F_LOG } else { 0 },
+            descriptor: self.ram.user_addr(layout.desc)?,
+            used: self.ram.user_addr(layout.used)?,
+            available: self.ram.user_addr(layout.avail)?,
+            log: layout.used.0,
+        };
+        self.conn
+            .send(FrontendReq::SET_VRING_ADDR, a.as_slice(), &[])
     }
 }
 

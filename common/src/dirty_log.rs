@@ -1,0 +1,255 @@
+//! Dirty-page logging for live migration (`VHOST_F_LOG_ALL`, `VHOST_USER_PROTOCOL_F_LOG_SHMFD`).
+//!
+//! While the frontend migrates the guest, it copies guest memory to the destination and must
+//! copy again every page written since; it cannot see the daemon's writes, so the daemon marks
+//! them in a bitmap the frontend shares (`SET_LOG_BASE`): one bit per 4 KiB page of guest
+//! physical memory, set with an atomic OR (several queue threads share it). Marking happens
+//! after the write and before the used entry that tells the guest about it is published; a mark
+//! before the write could be consumed by the frontend's sync before the data landed.
+//!
+//! The log may be replaced while queues run (a second migration, memory hot-plug): workers take
+//! the current one per pass, and an old one is unmapped when the last pass using it ends. When
+//! logging is off nothing is marked and workers do not even look at the log (one relaxed load
+//! per pass).
+
+#![warn(clippy::arithmetic_side_effects, clippy::indexing_slicing)]
+
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+
+use vm_memory::{FileOffset, MmapRegion};
+
+/// Bytes of guest memory one bit of the log stands for.
+pub const LOG_PAGE: u64 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("log of size 0")]
+    Empty,
+    #[error("log offset {0:#x} is not page aligned or overflows")]
+    BadOffset(u64),
+    #[error("log file holds {file_size:#x} bytes but the log needs {needed:#x}")]
+    FileTooSmall { file_size: u64, needed: u64 },
+    #[error("log descriptor is not a regular file or memfd")]
+    NotAFile,
+    #[error("cannot inspect the log file")]
+    Stat(#[source] std::io::Error),
+    #[error("cannot map the log")]
+    Mmap(#[source] vm_memory::mmap::MmapRegionError),
+}
+
+/// One mapped log.
+#[derive(Debug)]
+pub struct DirtyLog {
+    map: MmapRegion<()>,
+    /// The frontend may shrink the file under us: the mapping is guarded like guest memory.
+    /// Declared after `map`, so the mapping goes first.
+    _guard: Option<crate::revoke::Guard>,
+}
+
+impl DirtyLog {
+    /// Maps `size` bytes of `fd` at `offset`, validated like every region a frontend hands us.
+    pub fn map(fd: OwnedFd, size: u64, offset: u64) -> Result<Self, LogError> {
+        if size == 0 {
+            return Err(LogError::Empty);
+        }
+        if !offset.is_multiple_of(4096) {
+            return Err(LogError::BadOffset(offset));
+        }
+        let needed = offset
+            .checked_add(size)
+            .ok_or(LogError::BadOffset(offset))?;
+        let len = usize::try_from(size).map_err(|_| LogError::BadOffset(offset))?;
+        let file = File::from(fd);
+        let meta = file.metadata().map_err(LogError::Stat)?;
+        if !meta.file_type().is_file() {
+            return Err(LogError::NotAFile);
+        }
+        if meta.len() < needed {
+            return Err(LogError::FileTooSmall {
+                file_size: meta.len(),
+                needed,
+            });
+        }
+        let map = MmapRegion::build(
+            Some(FileOffset::new(file, offset)),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+        )
+        .map_err(LogError::Mmap)?;
+        let _guard = crate::revoke::guard(map.as_ptr(), len);
+        Ok(Self { map, _guard })
+    }
+
+    /// Bytes of the bitmap.
+    pub fn len(&self) -> usize {
+        self.map.size()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.size() == 0
+    }
+
+    /// The bitmap byte holding page `page`'s bit, if the log covers it.
+    fn byte(&self, index: u64) -> Option<&AtomicU8> {
+        let index = usize::try_from(index).ok()?;
+        if index >= self.map.size() {
+            return None;
+        }
+        let p = self.map.as_ptr().wrapping_add(index);
+        // SAFETY: `index` is inside the mapping, which lives as long as `self`; AtomicU8 has the
+        // size and alignment of u8, and the bitmap is shared memory written atomically by all.
+        Some(unsafe { &*p.cast::<AtomicU8>() })
+    }
+
+    /// Marks every page of `[gpa, gpa + len)` dirty. Pages beyond the log (the frontend sized
+    /// it for its memory; a hostile one may size it smaller) are not marked.
+    pub fn mark(&self, gpa: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = gpa / LOG_PAGE;
+        let last = gpa.saturating_add(len.saturating_sub(1)) / LOG_PAGE;
+        let mut page = first;
+        while page <= last {
+            match self.byte(page / 8) {
+                Some(b) => {
+                    b.fetch_or(1 << (page % 8), Ordering::Relaxed);
+                }
+                None => return,
+            }
+            page = page.saturating_add(1);
+            if page == 0 {
+                return;
+            }
+        }
+    }
+
+    /// Whether page `page` is marked (tests and diagnostics).
+    pub fn is_marked(&self, page: u64) -> bool {
+        self.byte(page / 8)
+            .is_some_and(|b| b.load(Ordering::Relaxed) & (1 << (page % 8)) != 0)
+    }
+}
+
+/// Logging state of one session, shared by its queue workers.
+#[derive(Debug, Default)]
+pub struct LogState {
+    /// `VHOST_F_LOG_ALL` is in the acked features.
+    enabled: AtomicBool,
+    /// Test-only: accept everything but mark nothing (the negative control of the migration
+    /// tests, proving they can see a missing log).
+    broken: AtomicBool,
+    current: Mutex<Option<Arc<DirtyLog>>>,
+}
+
+impl LogState {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn set_enabled(&self, on: bool) {
+        self.enabled.store(on, Ordering::Release);
+    }
+
+    pub fn set_broken_for_tests(&self, broken: bool) {
+        self.broken.store(broken, Ordering::Relaxed);
+    }
+
+    /// Installs a new log; the old one is unmapped once no pass uses it any more.
+    pub fn replace(&self, log: Option<DirtyLog>) {
+        if let Ok(mut g) = self.current.lock() {
+            *g = log.map(Arc::new);
+        }
+    }
+
+    /// The log to mark into during one pass: `None` (without touching the lock) unless logging
+    /// is on and a log was given.
+    pub fn for_pass(&self) -> Option<Arc<DirtyLog>> {
+        if !self.enabled.load(Ordering::Acquire) || self.broken.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.current.lock().ok().and_then(|g| g.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+    use super::*;
+
+    fn log_of(bytes: u64) -> (DirtyLog, File) {
+        let fd = crate::memfd::create("log-test").unwrap();
+        let file = File::from(fd.try_clone().unwrap());
+        file.set_len(bytes).unwrap();
+        (DirtyLog::map(fd, bytes, 0).unwrap(), file)
+    }
+
+    #[test]
+    fn a_range_marks_every_page_it_touches_and_nothing_else() {
+        let (log, _f) = log_of(4096);
+        // 10 bytes straddling pages 2 and 3.
+        log.mark(3 * LOG_PAGE - 4, 10);
+        let marked: Vec<u64> = (0..16).filter(|p| log.is_marked(*p)).collect();
+        assert_eq!(marked, vec![2, 3]);
+        // A range across a bitmap byte (pages 7..=9) and across regions' worth of memory.
+        log.mark(7 * LOG_PAGE, 3 * LOG_PAGE);
+        assert!(log.is_marked(7) && log.is_marked(8) && log.is_marked(9));
+        assert!(!log.is_marked(10));
+    }
+
+    #[test]
+    fn pages_beyond_the_log_are_not_marked_and_nothing_overflows() {
+        let (log, _f) = log_of(4096); // 32768 pages
+        log.mark(32767 * LOG_PAGE, 3 * LOG_PAGE);
+        assert!(log.is_marked(32767));
+        log.mark(u64::MAX - 10, 100);
+        log.mark(0, 0);
+        assert!(!log.is_marked(0));
+    }
+
+    #[test]
+    fn hostile_logs_are_refused() {
+        let fd = crate::memfd::create("log-test").unwrap();
+        File::from(fd.try_clone().unwrap()).set_len(4096).unwrap();
+        let again = || fd.try_clone().unwrap();
+        assert!(matches!(DirtyLog::map(again(), 0, 0), Err(LogError::Empty)));
+        assert!(matches!(
+            DirtyLog::map(again(), 8192, 0),
+            Err(LogError::FileTooSmall { .. })
+        ));
+        assert!(matches!(
+            DirtyLog::map(again(), 4096, 12),
+            Err(LogError::BadOffset(12))
+        ));
+        assert!(matches!(
+            DirtyLog::map(again(), 4096, u64::MAX - 4095),
+            Err(LogError::BadOffset(_))
+        ));
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert!(matches!(
+            DirtyLog::map(OwnedFd::from(a), 4096, 0),
+            Err(LogError::NotAFile)
+        ));
+    }
+
+    #[test]
+    fn a_replaced_log_lives_until_the_last_pass_that_holds_it_ends() {
+        let state = LogState::new();
+        state.set_enabled(true);
+        let (first, _f1) = log_of(4096);
+        state.replace(Some(first));
+        let pass = state.for_pass().unwrap();
+        let (second, _f2) = log_of(4096);
+        state.replace(Some(second));
+        // The pass still marks into the log it started with, which is still mapped.
+        pass.mark(0, 1);
+        assert!(pass.is_marked(0));
+        assert!(!state.for_pass().unwrap().is_marked(0));
+        state.set_enabled(false);
+        assert!(state.for_pass().is_none());
+    }
+}

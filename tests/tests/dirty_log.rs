@@ -1,0 +1,181 @@
+//! Dirty-page logging against the real daemons: while LOG_ALL is on, every page the daemon
+//! writes (data read into guest buffers, status bytes, received frames, the used ring) is marked
+//! in the log the frontend shared, pages it only reads are not, and nothing is marked once
+//! logging is off. A daemon started with the test-only `--test-break-dirty-log` marks nothing:
+//! the negative control that shows these checks can fail.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use bulkhead_tests::fixture::{pattern, BlkFixture, NetFixture};
+use bulkhead_tests::frontend::device::DirtyLogShm;
+use bulkhead_tests::frontend::net::ethernet;
+use bulkhead_tests::frontend::queue::DESC_F_WRITE;
+use bulkhead_tests::frontend::{BlkOp, DriverQueue, Setup};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+const MIB: u64 = 1 << 20;
+const PAGE: u64 = 4096;
+
+/// The buffers of the chain at `head`: (address, length, device-writable).
+fn chain(mem: &GuestMemoryMmap<()>, q: &DriverQueue, head: u16) -> Vec<(u64, u32, bool)> {
+    let mut out = Vec::new();
+    let mut i = head;
+    for _ in 0..q.size {
+        let at = q.layout.desc.0 + 16 * u64::from(i);
+        let addr: u64 = mem.read_obj(GuestAddress(at)).unwrap();
+        let len: u32 = mem.read_obj(GuestAddress(at + 8)).unwrap();
+        let flags: u16 = mem.read_obj(GuestAddress(at + 12)).unwrap();
+        let next: u16 = mem.read_obj(GuestAddress(at + 14)).unwrap();
+        out.push((addr, len, flags & DESC_F_WRITE != 0));
+        if flags & 1 == 0 {
+            break;
+        }
+        i = next;
+    }
+    out
+}
+
+fn pages(addr: u64, len: u32) -> impl Iterator<Item = u64> {
+    let first = addr / PAGE;
+    let last = (addr + u64::from(len).max(1) - 1) / PAGE;
+    (first..=last).map(|p| p * PAGE)
+}
+
+/// One read and one write through `fx`, with logging on; returns what should and should not
+/// be marked, and the log.
+fn blk_round(extra: &[&str]) -> Result<(DirtyLogShm, Vec<u64>, Vec<u64>)> {
+    let fx = BlkFixture::start(16 * MIB, extra)?;
+    let mut d = fx.driver(Setup::default(), 8, 64 * 1024)?;
+    d.write(0, 64, &pattern(3, 64 * 1024))?;
+    let log = d.fe.start_dirty_log()?;
+    let mut must = Vec::new();
+    let mut must_not = Vec::new();
+    for op in [
+        BlkOp::Read {
+            sector: 64,
+            len: 64 * 1024,
+        },
+        BlkOp::Write {
+            sector: 256,
+            data: pattern(4, 8192),
+        },
+    ] {
+        let old = d.fe.queue(0).avail_idx();
+        d.submit(0, &op)?.context("slot")?;
+        d.kick(0, old)?;
+        let c = d.wait(0)?;
+        ensure!(c.status == 0, "{op:?} failed");
+        let mem = d.fe.ram.mem().clone();
+        for (addr, len, writable) in chain(&mem, d.fe.queue(0), c.head) {
+            if writable {
+                must.extend(pages(addr, len));
+            } else if matches!(op, BlkOp::Write { .. }) && len > 16 {
+                // The data of a write: read by the device, never written.
+                must_not.extend(pages(addr, len));
+            }
+        }
+    }
+    let used = d.fe.queue(0).layout.used.0;
+    must.push(used - used % PAGE);
+    must_not.retain(|p| !must.contains(p));
+    Ok((log, must, must_not))
+}
+
+#[test]
+fn blk_writes_into_guest_memory_and_the_used_ring_are_logged_and_reads_of_it_are_not() -> Result<()>
+{
+    let (log, must, must_not) = blk_round(&[])?;
+    for p in &must {
+        ensure!(log.is_dirty(*p), "page {p:#x} was written but not logged");
+    }
+    for p in &must_not {
+        ensure!(!log.is_dirty(*p), "page {p:#x} was only read but is logged");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_daemon_that_skips_the_log_fails_the_same_checks() -> Result<()> {
+    let (log, must, _) = blk_round(&["--test-break-dirty-log"])?;
+    let missing = must.iter().filter(|p| !log.is_dirty(**p)).count();
+    ensure!(
+        missing == must.len(),
+        "the broken daemon logged {} of {} pages",
+        must.len() - missing,
+        must.len()
+    );
+    Ok(())
+}
+
+#[test]
+fn nothing_is_logged_once_logging_stops_and_a_replaced_log_takes_over() -> Result<()> {
+    let fx = BlkFixture::start(16 * MIB, &[])?;
+    let mut d = fx.driver(Setup::default(), 8, 64 * 1024)?;
+    let first = d.fe.start_dirty_log()?;
+    d.read(0, 0, 4096)?;
+    ensure!(!first.dirty_pages().is_empty(), "nothing logged");
+    // A second log replaces the first while the queue runs.
+    let ram =
+        d.fe.ram
+            .regions()
+            .iter()
+            .map(|r| r.guest_addr + r.size)
+            .max()
+            .unwrap();
+    let second = DirtyLogShm::new(ram)?;
+    d.fe.set_log_base(&second)?;
+    first.clear();
+    // The worker picks the new log up at its next pass.
+    d.read(0, 8, 4096)?;
+    ensure!(!second.dirty_pages().is_empty(), "the new log got nothing");
+    ensure!(
+        first.dirty_pages().is_empty(),
+        "the old log still got marks"
+    );
+    d.fe.stop_dirty_log()?;
+    second.clear();
+    d.read(0, 16, 4096)?;
+    ensure!(second.dirty_pages().is_empty(), "logged with LOG_ALL off");
+    Ok(())
+}
+
+#[test]
+fn net_received_frames_and_the_used_ring_are_logged() -> Result<()> {
+    let fx = NetFixture::start(&[])?;
+    fx.ns.ip(&["link", "set", "tap0", "up"])?;
+    let sock = fx.packet_socket(false)?;
+    let setup = Setup {
+        queues: 2,
+        queue_size: 256,
+        device_features: 1 << 15 | 1 << 32,
+        ram_layout: vec![(0, 64 * MIB)],
+        queue_num_is_pairs: true,
+        inflight: false,
+        ..Setup::default()
+    };
+    let mut d = fx.driver(setup, 4096, 32, 8)?;
+    let log = d.fe.start_dirty_log()?;
+    d.post_rx(0, 32)?;
+    let frame = ethernet([0x52, 0x54, 0, 0xdd, 0, 1], 0x88b5, &pattern(9, 1400));
+    // Frames the kernel sends into the TAP may come first: wait for ours.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        sock.send(&frame)?;
+        let got = d.recv(0, Duration::from_secs(5))?.context("no frame")?;
+        if got.data == frame {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "our frame never arrived");
+    }
+    let rx_used = d.fe.queue(0).layout.used.0;
+    ensure!(log.is_dirty(rx_used), "receive used ring not logged");
+    // The buffers the frame landed in: every posted receive buffer that is now free was used.
+    let marked = log.dirty_pages();
+    ensure!(
+        marked.len() >= 2,
+        "a frame (header and num_buffers included) and the used ring marked only {marked:?}"
+    );
+    Ok(())
+}
