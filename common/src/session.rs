@@ -796,6 +796,7 @@ impl<D: Device> Session<D> {
             }
         };
         let Some(kick) = slot.kick.take() else { return };
+        let (next_avail, used_idx) = (ring.next_avail(), ring.next_used());
         let spec = WorkerSpec {
             index: i,
             handler,
@@ -817,6 +818,8 @@ impl<D: Device> Session<D> {
                     queue = i,
                     size = slot.size,
                     base = slot.base,
+                    next_avail,
+                    used_idx,
                     "queue started"
                 );
                 slot.worker = Some(w);

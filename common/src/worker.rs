@@ -79,7 +79,7 @@ fn view<H>(spec: &mut WorkerSpec<H>) -> Arc<GuestAccess> {
         NO_USED_LOG => None,
         at => Some(at),
     };
-    spec.ring.set_log(log, used_log);
+    spec.ring.set_log(log, used_log, spec.log.buffers_logged());
     let mem = spec.mem.memory().into_inner();
     match &spec.view {
         Some(v) if v.is_of(&mem) => Arc::clone(v),

@@ -85,6 +85,7 @@ pub struct SplitRing {
     log: Option<Arc<DirtyLog>>,
     /// Guest physical address at which the used ring is logged (`VHOST_VRING_F_LOG`).
     used_log: Option<u64>,
+    log_buffers: bool,
 }
 
 impl SplitRing {
@@ -135,6 +136,7 @@ impl SplitRing {
             written: super::written::Written::new(size),
             log: None,
             used_log: None,
+            log_buffers: true,
         })
     }
 
@@ -283,17 +285,20 @@ impl SplitRing {
             .ok_or(RingError::Memory)?;
         // Migrating: what the device wrote into the chain, then the element, both before the
         // index that makes them visible is published.
-        self.written.complete(head, self.log.as_deref());
+        let buffers_log = self.log.as_deref().filter(|_| self.log_buffers);
+        self.written.complete(head, buffers_log);
         self.log_used(at, USED_ELEM);
         self.next_used += Wrapping(1);
         Ok(true)
     }
 
-    /// Logging for this pass: the session's current dirty log (`None` when not migrating) and
-    /// where the used ring is logged.
-    pub fn set_log(&mut self, log: Option<Arc<DirtyLog>>, used_log: Option<u64>) {
+    /// Logging for this pass: the session's current dirty log (`None` when not migrating),
+    /// where the used ring is logged, and whether completed buffers are (see
+    /// `LogState::buffers_logged`).
+    pub fn set_log(&mut self, log: Option<Arc<DirtyLog>>, used_log: Option<u64>, buffers: bool) {
         self.log = log;
         self.used_log = used_log;
+        self.log_buffers = buffers;
     }
 
     /// Stores a 16-bit field of the used ring (index, flags, avail_event) and logs it.

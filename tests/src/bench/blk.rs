@@ -475,7 +475,7 @@ fn spawn_contrib(
 
 /// qemu-storage-daemon exporting a null-co or file node over vhost-user-blk with `queues`
 /// queues.
-pub(crate) fn spawn_qsd(
+pub fn spawn_qsd(
     scratch: &Scratch,
     socket: &std::path::Path,
     backend: Backend,
@@ -485,7 +485,8 @@ pub(crate) fn spawn_qsd(
     let node = match backend {
         Backend::Null => format!("driver=null-co,node-name=disk,size={CAPACITY}"),
         Backend::Tmpfs => format!(
-            "driver=file,node-name=disk,filename={},cache.direct=off",
+            // locking=off: a second instance may serve the same image (a migration's target).
+            "driver=file,node-name=disk,filename={},cache.direct=off,locking=off",
             image.display()
         ),
     };

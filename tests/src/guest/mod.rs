@@ -28,9 +28,11 @@ mod kernel;
 mod kit;
 mod modules;
 mod qemu;
+mod qmp;
 mod vm;
 
 pub use conversation::CmdOutput;
 pub use kit::GuestKit;
 pub use qemu::QemuConfig;
+pub use qmp::{MigrationStats, Qmp};
 pub use vm::Guest;

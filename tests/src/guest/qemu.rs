@@ -25,12 +25,18 @@ pub struct QemuConfig {
     /// (nested kvm_pvm) cannot run a stock kernel, so KVM is opt-in.
     pub accel: String,
     pub machine: String,
+    /// `-cpu` (`max` by default).
+    pub cpu: String,
     /// How long `Guest::boot` waits for the shell.
     pub boot_timeout: Duration,
     /// Kill QEMU (SIGKILL) when the thread that booted it dies, so an aborted test run leaves
     /// no VM behind. This is `PR_SET_PDEATHSIG`, which fires on the *thread's* exit: turn it
     /// off when booting from a short-lived thread whose `Guest` outlives it.
     pub die_with_parent: bool,
+    /// A QMP socket QEMU listens on (for migration).
+    pub qmp: Option<PathBuf>,
+    /// `-incoming URI`: the VM arrives by migration instead of booting.
+    pub incoming: Option<String>,
 }
 
 impl Default for QemuConfig {
@@ -45,8 +51,11 @@ impl Default for QemuConfig {
                 .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64")),
             accel: std::env::var(ACCEL_ENV).unwrap_or_else(|_| "tcg".to_owned()),
             machine: "q35".to_owned(),
+            cpu: "max".to_owned(),
             boot_timeout: Duration::from_secs(120),
             die_with_parent: true,
+            qmp: None,
+            incoming: None,
         }
     }
 }
@@ -120,7 +129,7 @@ impl QemuConfig {
             "-machine",
             &self.machine,
             "-cpu",
-            "max",
+            &self.cpu,
             "-m",
             &format!("{mem}M"),
             "-smp",
@@ -155,6 +164,15 @@ impl QemuConfig {
         .iter()
         .map(|s| (*s).to_owned())
         .collect();
+        if let Some(qmp) = &self.qmp {
+            args.extend([
+                "-qmp".to_owned(),
+                format!("unix:{},server=on,wait=off", escape(qmp)),
+            ]);
+        }
+        if let Some(uri) = &self.incoming {
+            args.extend(["-incoming".to_owned(), uri.clone()]);
+        }
         args.extend(self.extra_args.iter().cloned());
         args
     }

@@ -82,9 +82,25 @@ impl Guest {
         guest.readers.push(console_reader);
         let stderr_reader = guest.stderr.spawn_reader("qemu-stderr", err)?;
         guest.readers.push(stderr_reader);
-        guest.wait_ready(cfg.boot_timeout)?;
+        if cfg.incoming.is_none() {
+            guest.wait_ready(cfg.boot_timeout)?;
+        }
         guest.boot_time = started.elapsed();
         Ok(guest)
+    }
+
+    /// Starts QEMU waiting for the guest to arrive by migration (`cfg.incoming` set): the shell
+    /// answers on this QEMU's console once the migration completed.
+    pub fn incoming(kit: &GuestKit, cfg: &QemuConfig) -> Result<Guest> {
+        anyhow::ensure!(cfg.incoming.is_some(), "no -incoming in the configuration");
+        Self::boot(kit, cfg)
+    }
+
+    /// Whether QEMU is still running.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// Waits for `/init`'s readiness marker, then for a first command to come back.
