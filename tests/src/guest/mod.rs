@@ -15,7 +15,8 @@
 //! Files: `cache` (where and how things are cached), `host` (running host tools), `kernel`
 //! (fetch + extract the kernel package), `elf` + `modules` (which modules, in which order),
 //! `cpio` + `initramfs` (the initramfs), `kit` (`GuestKit`), `qemu` (`QemuConfig`),
-//! `console` (reading QEMU's output), `conversation` (the shell protocol), `vm` (`Guest`).
+//! `console` (reading QEMU's output), `conversation` (the shell protocol), `vm` (`Guest`),
+//! `qmp` (QEMU's monitor), `migration` (one VM moved between two QEMUs).
 
 mod cache;
 mod console;
@@ -26,6 +27,7 @@ mod host;
 mod initramfs;
 mod kernel;
 mod kit;
+mod migration;
 mod modules;
 mod qemu;
 mod qmp;
@@ -33,6 +35,7 @@ mod vm;
 
 pub use conversation::CmdOutput;
 pub use kit::GuestKit;
+pub use migration::{incoming_uri, make_migratable, migrate, MigrationPace};
 pub use qemu::QemuConfig;
 pub use qmp::{MigrationStats, Qmp};
 pub use vm::Guest;

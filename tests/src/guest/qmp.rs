@@ -22,8 +22,11 @@ pub struct MigrationStats {
     pub total_ms: u64,
     pub downtime_ms: u64,
     pub transferred_bytes: u64,
-    /// Guest pages (all writers) dirtied per second during the last pass, as QEMU saw it.
-    pub dirty_pages_rate: u64,
+    /// The highest rate of guest pages dirtied (by every writer: vCPUs and, through the dirty
+    /// log, devices) that QEMU reported while the migration ran, pages/s.
+    pub peak_dirty_pages_rate: u64,
+    /// Dirty-bitmap syncs (passes over RAM).
+    pub dirty_syncs: u64,
 }
 
 impl Qmp {
@@ -123,18 +126,21 @@ impl Qmp {
     /// completed.
     pub fn wait_migration(&mut self, timeout: Duration) -> Result<MigrationStats> {
         let deadline = Instant::now() + timeout;
+        let n = |v: &Value| v.as_u64().unwrap_or(0);
+        let mut peak_rate = 0;
         loop {
             let info = self.execute("query-migrate", json!({}))?;
             let status = info["status"].as_str().unwrap_or("").to_owned();
+            peak_rate = peak_rate.max(n(&info["ram"]["dirty-pages-rate"]));
             match status.as_str() {
                 "completed" => {
-                    let n = |v: &Value| v.as_u64().unwrap_or(0);
                     return Ok(MigrationStats {
                         status,
                         total_ms: n(&info["total-time"]),
                         downtime_ms: n(&info["downtime"]),
                         transferred_bytes: n(&info["ram"]["transferred"]),
-                        dirty_pages_rate: n(&info["ram"]["dirty-pages-rate"]),
+                        peak_dirty_pages_rate: peak_rate,
+                        dirty_syncs: n(&info["ram"]["dirty-sync-count"]),
                     });
                 }
                 "failed" | "cancelled" => bail!("migration {status}: {info}"),
@@ -142,6 +148,21 @@ impl Qmp {
                     bail!("migration still {status} after {timeout:?}: {info}")
                 }
                 _ => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
+    /// Cancels the migration under way and waits until the source says it is cancelled (the
+    /// VM keeps running on the source; the destination QEMU gives up and exits).
+    pub fn cancel_migration(&mut self, timeout: Duration) -> Result<()> {
+        self.execute("migrate_cancel", json!({}))?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let info = self.execute("query-migrate", json!({}))?;
+            match info["status"].as_str().unwrap_or("") {
+                "cancelled" => return Ok(()),
+                s if Instant::now() > deadline => bail!("migration still {s} after cancelling"),
+                _ => std::thread::sleep(Duration::from_millis(20)),
             }
         }
     }
