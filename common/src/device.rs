@@ -98,6 +98,10 @@ pub trait Device: Send + Sync + 'static {
     /// Creates the handler for queue `index`, started with the acked `features`.
     fn queue_handler(&self, index: u16, features: u64) -> Result<Self::Handler, DeviceError>;
 
+    /// Queue `index` stopped (its worker ended with nothing in flight): the device may release
+    /// what only a running queue needs.
+    fn queue_stopped(&self, _index: u16) {}
+
     /// The frontend went away; forget per-connection state.
     fn disconnected(&self) {}
 

@@ -358,7 +358,11 @@ impl<D: Device> Session<D> {
                 }
                 self.device.set_features(f)?;
                 // Migration starts and ends with this bit, while the queues run.
-                self.log.set_enabled(f & VHOST_F_LOG_ALL != 0);
+                let logging = f & VHOST_F_LOG_ALL != 0;
+                if logging != (self.acked_features & VHOST_F_LOG_ALL != 0) {
+                    tracing::info!(on = logging, "dirty logging (migration)");
+                }
+                self.log.set_enabled(logging);
                 self.acked_features = f;
                 self.features_set = true;
                 self.update_all_queues();
@@ -845,6 +849,7 @@ impl<D: Device> Session<D> {
             }
             None => guest_warn!(queue = i, "queue worker panicked"),
         }
+        self.device.queue_stopped(i);
     }
 
     fn reset_queues(&mut self) {

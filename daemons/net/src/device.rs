@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bulkhead_common::device::{feature_bit as bit, RING_FEATURES};
 use bulkhead_common::vring::RingError;
-use bulkhead_common::{Device, DeviceError, Progress, QueueCtx, QueueHandler};
+use bulkhead_common::{guest_warn, Device, DeviceError, Progress, QueueCtx, QueueHandler};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use virtio_bindings::virtio_net::*;
 
@@ -45,12 +45,32 @@ impl NetDevice {
             .map(|_| Arc::new(QueueStats::default()))
             .collect();
         let mtu = opts.mtu.unwrap_or(DEFAULT_MTU);
-        Self {
+        let device = Self {
             taps: taps.into_iter().map(Arc::new).collect(),
             stats,
             opts,
             acked: AtomicU64::new(0),
             mtu: AtomicU16::new(mtu),
+        };
+        // No guest yet: frames for this TAP go to queues that are read (another daemon's),
+        // or are dropped, rather than piling up for whoever connects first.
+        device.detach_all();
+        device
+    }
+
+    /// Steers the kernel away from (or back to) the TAP queue of `pair`.
+    fn steer(&self, pair: usize, attach: bool) {
+        if let Some(tap) = self.taps.get(pair) {
+            if let Err(e) = tap.set_attached(attach) {
+                // A frontend starts and stops queues: rate-limited.
+                guest_warn!(pair, "{}", bulkhead_common::logging::chain(&e));
+            }
+        }
+    }
+
+    fn detach_all(&self) {
+        for pair in 0..self.taps.len() {
+            self.steer(pair, false);
         }
     }
 
@@ -215,6 +235,7 @@ impl Device for NetDevice {
             index,
             source: "no TAP queue for this queue pair".into(),
         })?;
+        self.steer(pair, true);
         let stats = self
             .stats
             .get(usize::from(index))
@@ -234,6 +255,18 @@ impl Device for NetDevice {
         } else {
             Ok(NetQueue::Tx(TxQueue::new(Arc::clone(tap), stats, hdr)))
         }
+    }
+
+    fn queue_stopped(&self, index: u16) {
+        // Nobody reads the pair's TAP queue once its receive queue stopped (transmit writes to
+        // a detached queue fail and are counted as errors until it stops too).
+        if index.is_multiple_of(2) {
+            self.steer(usize::from(index / 2), false);
+        }
+    }
+
+    fn disconnected(&self) {
+        self.detach_all();
     }
 
     fn report(&self) {

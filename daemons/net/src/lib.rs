@@ -34,10 +34,16 @@ pub use device::{NetDevice, NetOptions};
 use tap::{TapError, TapQueue};
 
 /// System calls the network data path adds to the engine's: the TAP ioctls the guest's
-/// feature negotiation needs (header size, offloads).
+/// feature negotiation needs (header size, offloads) and attaching a queue when a guest starts
+/// it, detaching it when it stops.
 const SYSCALLS: &[sandbox::Allow] = &[sandbox::Allow::with_arg1(
     libc::SYS_ioctl,
-    &[libc::TUNSETVNETHDRSZ, libc::TUNSETOFFLOAD, libc::TUNGETIFF],
+    &[
+        libc::TUNSETVNETHDRSZ,
+        libc::TUNSETOFFLOAD,
+        libc::TUNGETIFF,
+        libc::TUNSETQUEUE,
+    ],
 )];
 
 /// `--print-capabilities` output (QEMU's schema defines no net features).

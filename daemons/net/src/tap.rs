@@ -6,6 +6,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TapError {
@@ -27,6 +28,12 @@ pub enum TapError {
     },
     #[error("cannot configure the TAP")]
     Configure(#[source] io::Error),
+    #[error("cannot {} a TAP queue", if *.attach { "attach" } else { "detach" })]
+    Steer {
+        attach: bool,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot write a frame to the TAP")]
     Write(#[source] io::Error),
 }
@@ -35,6 +42,8 @@ pub enum TapError {
 #[derive(Debug)]
 pub struct TapQueue {
     file: File,
+    /// On a multi-queue TAP: whether the kernel steers frames to this queue (TUNSETQUEUE).
+    attached: Option<AtomicBool>,
 }
 
 const IFNAMSIZ: usize = 16;
@@ -64,6 +73,16 @@ impl IfReq {
             flags,
             _pad: [0; 22],
         })
+    }
+
+    /// An ifreq with no name (the queue's own TAP) and `flags`.
+    fn unnamed(flags: libc::c_int) -> Self {
+        Self {
+            name: [0; IFNAMSIZ],
+            // The IFF_* flags the TUN ioctls take all fit the 16-bit field.
+            flags: libc::c_short::try_from(flags).unwrap_or(0),
+            _pad: [0; 22],
+        }
     }
 }
 
@@ -101,7 +120,40 @@ impl TapQueue {
                 source: io::Error::last_os_error(),
             });
         }
-        Ok(TapQueue { file })
+        Ok(TapQueue {
+            file,
+            attached: (flags & libc::IFF_MULTI_QUEUE != 0).then(|| AtomicBool::new(true)),
+        })
+    }
+
+    /// Attaches this queue to its multi-queue TAP or detaches it (TUNSETQUEUE); a no-op on a
+    /// single-queue TAP. A queue with no guest behind it is detached, so the kernel steers
+    /// frames only to queues that are read: when the TAP is shared (the source and destination
+    /// daemons of a migration, a guest using fewer queue pairs than the daemon opened), frames
+    /// and replies do not vanish into a queue nobody reads. Attaching needs the rights opening
+    /// the TAP needed (its owner, or CAP_NET_ADMIN; a TAP with no owner set: anyone).
+    pub fn set_attached(&self, attach: bool) -> Result<(), TapError> {
+        let Some(state) = &self.attached else {
+            return Ok(());
+        };
+        if state.load(Ordering::Relaxed) == attach {
+            return Ok(());
+        }
+        let flag = if attach {
+            libc::IFF_ATTACH_QUEUE
+        } else {
+            libc::IFF_DETACH_QUEUE
+        };
+        let mut req = IfReq::unnamed(flag);
+        // SAFETY: TUNSETQUEUE reads a struct ifreq (only its flags); IfReq has its layout.
+        if unsafe { libc::ioctl(self.fd(), libc::TUNSETQUEUE, &raw mut req) } < 0 {
+            return Err(TapError::Steer {
+                attach,
+                source: io::Error::last_os_error(),
+            });
+        }
+        state.store(attach, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Makes the interface outlive this process, so that a restarted daemon finds it again with
@@ -143,6 +195,7 @@ impl TapQueue {
         set_nonblocking(raw).map_err(TapError::Configure)?;
         Ok(TapQueue {
             file: File::from(fd),
+            attached: (flags & libc::IFF_MULTI_QUEUE != 0).then(|| AtomicBool::new(true)),
         })
     }
 
@@ -153,6 +206,7 @@ impl TapQueue {
     pub fn stand_in(fd: OwnedFd) -> TapQueue {
         TapQueue {
             file: File::from(fd),
+            attached: None,
         }
     }
 
