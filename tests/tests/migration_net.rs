@@ -1,0 +1,244 @@
+//! Live migration of a QEMU 7.2 guest (TCG) whose network is vhost-user-net: two daemons in one
+//! namespace attached to the same multi-queue TAP (10.0.0.1/24 on the host side, the guest is
+//! 10.0.0.2), the source QEMU on one, the destination on the other. A TCP transfer from the
+//! guest, slowed by the receiver so that it spans the migration, completes with the right
+//! checksum on the destination; ping works after the switch; the guest then migrates back to
+//! the first daemon, idle, and pings again.
+//!
+//! Ignored for now: in most runs the destination guest crashes right after the switch (see the
+//! attribute). `BULKHEAD_MIGRATION_PEER=qemu-tap` runs the same test on QEMU's own virtio-net.
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use bulkhead_tests::daemon::{Daemon, Scratch};
+use bulkhead_tests::fixture::spawn_in_netns;
+use bulkhead_tests::guest::{
+    incoming_uri, make_migratable, migrate, Guest, GuestKit, MigrationPace, MigrationStats,
+    QemuConfig,
+};
+use bulkhead_tests::netns::NetNs;
+use sha2::{Digest, Sha256};
+
+const T: Duration = Duration::from_secs(120);
+const MIB: usize = 1 << 20;
+const GUEST_MAC: &str = "52:54:00:12:34:56";
+const TRANSFER_MIB: usize = 32;
+/// The receiver's pace: the transfer takes about eight seconds, longer than the migration.
+const RECEIVE_BYTES_PER_SEC: usize = 4 * MIB;
+
+/// A daemon on the shared TAP and the QEMU it serves.
+struct Side {
+    daemon: Daemon,
+    socket: PathBuf,
+    qmp: PathBuf,
+    /// For comparison (`BULKHEAD_MIGRATION_PEER=qemu-tap`): QEMU's own virtio-net on the TAP,
+    /// QEMU started inside the namespace by this wrapper.
+    builtin: Option<PathBuf>,
+}
+
+impl Side {
+    fn new(scratch: &Scratch, ns: &NetNs, name: &str) -> Result<Self> {
+        let socket = scratch.join(&format!("{name}.sock"));
+        let args: Vec<String> = [
+            "--socket-path",
+            &socket.display().to_string(),
+            "--tap",
+            "tap0",
+            "--queues",
+            "2",
+        ]
+        .map(String::from)
+        .to_vec();
+        let builtin =
+            if std::env::var_os("BULKHEAD_MIGRATION_PEER").is_some_and(|v| v == "qemu-tap") {
+                let wrapper = scratch.join(&format!("{name}-qemu"));
+                std::fs::write(
+                    &wrapper,
+                    format!(
+                        "#!/bin/sh\nexec ip netns exec {} qemu-system-x86_64 \"$@\"\n",
+                        ns.name
+                    ),
+                )?;
+                std::process::Command::new("chmod")
+                    .arg("+x")
+                    .arg(&wrapper)
+                    .status()?;
+                Some(wrapper)
+            } else {
+                None
+            };
+        Ok(Self {
+            daemon: spawn_in_netns("vhost-user-net", &args, scratch, ns)?,
+            socket,
+            qmp: scratch.join(&format!("{name}.qmp")),
+            builtin,
+        })
+    }
+
+    fn config(&self, incoming: Option<String>) -> QemuConfig {
+        let mut cfg = QemuConfig::default();
+        make_migratable(&mut cfg);
+        if let Some(wrapper) = &self.builtin {
+            cfg.qemu = wrapper.clone();
+            cfg.extra_args.extend([
+                "-netdev".to_owned(),
+                "tap,id=net0,ifname=tap0,script=no,downscript=no,queues=2,vhost=off".to_owned(),
+                "-device".to_owned(),
+                format!("virtio-net-pci,netdev=net0,mq=on,vectors=0,mac={GUEST_MAC}"),
+            ]);
+        } else {
+            cfg.vhost_user_net("net0", &self.socket, "", 2, GUEST_MAC);
+        }
+        cfg.qmp = Some(self.qmp.clone());
+        cfg.incoming = incoming;
+        cfg
+    }
+}
+
+fn migrate_between(
+    kit: &GuestKit,
+    scratch: &Scratch,
+    from: &Side,
+    to: &Side,
+    name: &str,
+) -> Result<(Guest, MigrationStats)> {
+    let listen = scratch.join(&format!("{name}.mig"));
+    let pace = MigrationPace::default();
+    let dest = to.config(Some(incoming_uri(&listen)));
+    migrate(kit, &from.qmp, &dest, &to.qmp, &listen, pace, |_| Ok(())).with_context(|| {
+        format!(
+            "source daemon:\n{}\ndestination daemon:\n{}",
+            from.daemon.log(),
+            to.daemon.log()
+        )
+    })
+}
+
+/// Accepts one connection and reads it to the end at `RECEIVE_BYTES_PER_SEC`, counting bytes
+/// in `received`; returns the SHA-256 of what arrived.
+fn paced_receiver(
+    listener: TcpListener,
+    received: Arc<AtomicUsize>,
+) -> std::thread::JoinHandle<Result<String>> {
+    std::thread::spawn(move || -> Result<String> {
+        let (mut s, _) = listener.accept()?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let start = Instant::now();
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                return Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect());
+            }
+            h.update(&buf[..n]);
+            let total = received.fetch_add(n, Ordering::Relaxed) + n;
+            let due = Duration::from_secs_f64(total as f64 / RECEIVE_BYTES_PER_SEC as f64);
+            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+    })
+}
+
+#[test]
+#[ignore = "open defect (issue 10): the destination guest crashes in most runs (list corruption \
+            in the page allocator, a BUG in tcp_fragment) when the switch lands in a transfer; \
+            run with --ignored to reproduce"]
+fn a_tcp_transfer_spanning_a_migration_completes_and_the_guest_pings_after_there_and_back(
+) -> Result<()> {
+    let kit = GuestKit::ensure()?;
+    let scratch = Scratch::new("netmig")?;
+    let ns = NetNs::create("netmig")?;
+    let a = Side::new(&scratch, &ns, "a")?;
+    ns.ip(&["addr", "add", "10.0.0.1/24", "dev", "tap0"])?;
+    ns.ip(&["link", "set", "tap0", "up"])?;
+    let b = Side::new(&scratch, &ns, "b")?;
+    let mut src = Guest::boot(&kit, &a.config(None))?;
+    src.run_ok("ip addr add 10.0.0.2/24 dev eth0 && ip link set eth0 up", T)?;
+    src.run_ok("ping -c 1 -W 5 10.0.0.1", T)
+        .with_context(|| a.daemon.log())?;
+
+    let listener = ns.run_in(|| Ok(TcpListener::bind("10.0.0.1:5000")?))?;
+    let received = Arc::new(AtomicUsize::new(0));
+    let receiver = paced_receiver(listener, Arc::clone(&received));
+    src.run_ok(
+        &format!(
+            "dd if=/dev/urandom of=/tmp/up bs={MIB} count={TRANSFER_MIB} 2>/dev/null && \
+             sha256sum /tmp/up > /tmp/up.sum && \
+             (nc 10.0.0.1 5000 < /tmp/up; echo $? > /tmp/nc.rc) > /dev/null 2>&1 & echo started"
+        ),
+        T,
+    )?;
+    let start = Instant::now();
+    while received.load(Ordering::Relaxed) < MIB {
+        ensure!(start.elapsed() < T, "the transfer does not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (mut dest, under_transfer) = migrate_between(&kit, &scratch, &a, &b, "ab")?;
+    drop(src);
+    let at_switch = received.load(Ordering::Relaxed);
+    ensure!(
+        at_switch < TRANSFER_MIB * MIB,
+        "the transfer ended before the migration did"
+    );
+    let ctx = |g: &Guest| {
+        format!(
+            "console:\n{}\nsource daemon:\n{}\ndestination daemon:\n{}",
+            g.console_log(),
+            a.daemon.log(),
+            b.daemon.log()
+        )
+    };
+    let got = match receiver
+        .join()
+        .map_err(|_| anyhow::anyhow!("receiver panicked"))?
+    {
+        Ok(got) => got,
+        Err(e) => {
+            let state = dest
+                .run("cat /proc/interrupts /proc/net/dev /proc/net/tcp; ps", T)
+                .map(|o| o.stdout)
+                .unwrap_or_default();
+            return Err(e.context(format!(
+                "receiving ({} bytes so far); the guest says:\n{state}\n{}",
+                received.load(Ordering::Relaxed),
+                ctx(&dest)
+            )));
+        }
+    };
+    let sent = dest.run_ok(
+        "while [ ! -e /tmp/nc.rc ]; do sleep 0.2; done; cat /tmp/nc.rc /tmp/up.sum",
+        T,
+    )?;
+    let mut lines = sent.lines();
+    ensure!(lines.next() == Some("0"), "nc failed: {sent}");
+    ensure!(
+        lines.next().unwrap_or_default().starts_with(&got),
+        "the transfer arrived corrupted"
+    );
+    let ping = dest.run("ping -c 2 -W 5 10.0.0.1", T)?;
+    ensure!(
+        ping.status == 0,
+        "no ping after the migration: {}",
+        ping.stdout
+    );
+
+    // Back to the first daemon, which serves its second QEMU; nothing in flight.
+    let (mut back, idle) = migrate_between(&kit, &scratch, &b, &a, "ba")?;
+    drop(dest);
+    let ping = back.run("ping -c 2 -W 5 10.0.0.1", T)?;
+    ensure!(ping.status == 0, "no ping back on A: {}", ping.stdout);
+    eprintln!(
+        "net migration under a TCP transfer: {under_transfer:?} ({} of {TRANSFER_MIB} MiB \
+         received at the switch); idle, back: {idle:?}",
+        at_switch / MIB
+    );
+    Ok(())
+}
