@@ -258,8 +258,8 @@ impl Device for NetDevice {
     }
 
     fn queue_stopped(&self, index: u16) {
-        // Nobody reads the pair's TAP queue once its receive queue stopped (transmit writes to
-        // a detached queue fail and are counted as errors until it stops too).
+        // Nobody reads the pair's TAP queue once its receive queue stopped (a detached queue
+        // still takes writes, so transmit goes on until it stops too).
         if index.is_multiple_of(2) {
             self.steer(usize::from(index / 2), false);
         }
