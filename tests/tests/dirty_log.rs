@@ -116,6 +116,9 @@ fn a_daemon_that_skips_the_log_fails_the_same_checks() -> Result<()> {
     Ok(())
 }
 
+/// Ample time for a worker to end the pass it is in (no busy polling: `--poll-us` is 0).
+const PASS_END: std::time::Duration = std::time::Duration::from_millis(100);
+
 #[test]
 fn nothing_is_logged_once_logging_stops_and_a_replaced_log_takes_over() -> Result<()> {
     let fx = BlkFixture::start(16 * MIB, &[])?;
@@ -133,8 +136,10 @@ fn nothing_is_logged_once_logging_stops_and_a_replaced_log_takes_over() -> Resul
             .unwrap();
     let second = DirtyLogShm::new(ram)?;
     d.fe.set_log_base(&second)?;
+    // The worker picks the new log up at its next pass: let the pass that completed the last
+    // read end first (the driver sees the completion before the worker has left that pass).
+    std::thread::sleep(PASS_END);
     first.clear();
-    // The worker picks the new log up at its next pass.
     d.read(0, 8, 4096)?;
     ensure!(!second.dirty_pages().is_empty(), "the new log got nothing");
     ensure!(
