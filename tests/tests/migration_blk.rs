@@ -53,15 +53,16 @@ const FILL_DURING_MIGRATION: &str = "(dd if=/dev/vda of=/dev/null bs=1048576 2>/
     touch /tmp/filled /tmp/stop) > /dev/null 2>&1 &";
 
 /// Numbered direct-I/O writes (block `WRITE_BASE + i` holds `i`, zero-padded to 4096 bytes),
-/// each read back and compared, until `/tmp/wstop` exists; `/tmp/at` is the count so far,
-/// `/tmp/count` the final one. Lines without single quotes, so each can be quoted for printf.
+/// each read back and compared, until `/tmp/wstop` exists; `/tmp/at` is the count so far
+/// (replaced by a rename, so never read half-written), `/tmp/count` the final one. Lines
+/// without single quotes, so each can be quoted for printf.
 const WRITER: &[&str] = &[
     "i=0",
     "while [ ! -e /tmp/wstop ] && [ $i -lt 4096 ]; do",
     "  printf \"%04096d\" $i | dd of=/dev/vda bs=4096 seek=$((8192+i)) count=1 iflag=fullblock oflag=direct conv=notrunc 2>/tmp/werr || { echo WRITE ERROR $i; cat /tmp/werr; exit 1; }",
     "  got=$(dd if=/dev/vda bs=4096 skip=$((8192+i)) count=1 iflag=direct 2>/tmp/werr) || { echo READ ERROR $i; exit 1; }",
     "  [ \"$got\" = \"$(printf \"%04096d\" $i)\" ] || { echo VERIFY ERROR $i; exit 1; }",
-    "  i=$((i+1)); echo $i > /tmp/at",
+    "  i=$((i+1)); echo $i > /tmp/at.new; mv /tmp/at.new /tmp/at",
     "done",
     "echo $i > /tmp/count",
 ];
