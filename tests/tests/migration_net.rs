@@ -65,10 +65,10 @@ impl Side {
                         ns.name
                     ),
                 )?;
-                std::process::Command::new("chmod")
-                    .arg("+x")
-                    .arg(&wrapper)
-                    .status()?;
+                std::fs::set_permissions(
+                    &wrapper,
+                    std::os::unix::fs::PermissionsExt::from_mode(0o755),
+                )?;
                 Some(wrapper)
             } else {
                 None
