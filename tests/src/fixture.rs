@@ -2,7 +2,7 @@
 //! vhost-user-blk daemon serving it.
 
 use std::fs::File;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
@@ -26,13 +26,7 @@ impl BlkFixture {
         let image = scratch.join("disk.img");
         File::create(&image)?.set_len(size)?;
         let socket = scratch.join("blk.sock");
-        let mut args = vec![
-            "--socket-path".to_owned(),
-            socket.display().to_string(),
-            "--blk-file".to_owned(),
-            image.display().to_string(),
-        ];
-        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let args = blk_daemon_args(&socket, &image, extra);
         let daemon = Daemon::start("vhost-user-blk", &args, &scratch)?;
         Ok(Self {
             daemon,
@@ -76,6 +70,18 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
             (x >> 24) as u8
         })
         .collect()
+}
+
+/// `vhost-user-blk`'s arguments to listen on `socket` and serve `image`, then `extra`.
+pub fn blk_daemon_args(socket: &Path, image: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args = vec![
+        "--socket-path".to_owned(),
+        socket.display().to_string(),
+        "--blk-file".to_owned(),
+        image.display().to_string(),
+    ];
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    args
 }
 
 /// A network namespace with a `vhost-user-net` daemon inside it that owns TAP `tap0`.

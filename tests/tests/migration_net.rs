@@ -8,7 +8,6 @@
 //! Ignored for now: in most runs the destination guest crashes right after the switch (see the
 //! attribute). `BULKHEAD_MIGRATION_PEER=qemu-tap` runs the same test on QEMU's own virtio-net.
 
-use std::io::Read;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -19,11 +18,10 @@ use anyhow::{ensure, Context, Result};
 use bulkhead_tests::daemon::{Daemon, Scratch};
 use bulkhead_tests::fixture::spawn_in_netns;
 use bulkhead_tests::guest::{
-    incoming_uri, make_migratable, migrate, Guest, GuestKit, MigrationPace, MigrationStats,
-    QemuConfig,
+    make_migratable, migrate, Guest, GuestKit, MigrationPace, MigrationStats, QemuConfig,
 };
+use bulkhead_tests::guest_upload;
 use bulkhead_tests::netns::NetNs;
-use sha2::{Digest, Sha256};
 
 const T: Duration = Duration::from_secs(120);
 const MIB: usize = 1 << 20;
@@ -31,6 +29,8 @@ const GUEST_MAC: &str = "52:54:00:12:34:56";
 const TRANSFER_MIB: usize = 32;
 /// The receiver's pace: the transfer takes about eight seconds, longer than the migration.
 const RECEIVE_BYTES_PER_SEC: usize = 4 * MIB;
+/// A stalled transfer fails the test this long after the last byte.
+const RECEIVE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A daemon on the shared TAP and the QEMU it serves.
 struct Side {
@@ -109,41 +109,14 @@ fn migrate_between(
     name: &str,
 ) -> Result<(Guest, MigrationStats)> {
     let listen = scratch.join(&format!("{name}.mig"));
+    let dest = |uri| to.config(Some(uri));
     let pace = MigrationPace::default();
-    let dest = to.config(Some(incoming_uri(&listen)));
-    migrate(kit, &from.qmp, &dest, &to.qmp, &listen, pace, |_| Ok(())).with_context(|| {
+    migrate(kit, &from.qmp, dest, &to.qmp, &listen, pace, |_| Ok(())).with_context(|| {
         format!(
             "source daemon:\n{}\ndestination daemon:\n{}",
             from.daemon.log(),
             to.daemon.log()
         )
-    })
-}
-
-/// Accepts one connection and reads it to the end at `RECEIVE_BYTES_PER_SEC`, counting bytes
-/// in `received`; returns the SHA-256 of what arrived.
-fn paced_receiver(
-    listener: TcpListener,
-    received: Arc<AtomicUsize>,
-) -> std::thread::JoinHandle<Result<String>> {
-    std::thread::spawn(move || -> Result<String> {
-        let (mut s, _) = listener.accept()?;
-        s.set_read_timeout(Some(Duration::from_secs(30)))?;
-        let start = Instant::now();
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 1 << 16];
-        loop {
-            let n = s.read(&mut buf)?;
-            if n == 0 {
-                return Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect());
-            }
-            h.update(&buf[..n]);
-            let total = received.fetch_add(n, Ordering::Relaxed) + n;
-            let due = Duration::from_secs_f64(total as f64 / RECEIVE_BYTES_PER_SEC as f64);
-            if let Some(wait) = due.checked_sub(start.elapsed()) {
-                std::thread::sleep(wait);
-            }
-        }
     })
 }
 
@@ -167,15 +140,13 @@ fn a_tcp_transfer_spanning_a_migration_completes_and_the_guest_pings_after_there
 
     let listener = ns.run_in(|| Ok(TcpListener::bind("10.0.0.1:5000")?))?;
     let received = Arc::new(AtomicUsize::new(0));
-    let receiver = paced_receiver(listener, Arc::clone(&received));
-    src.run_ok(
-        &format!(
-            "dd if=/dev/urandom of=/tmp/up bs={MIB} count={TRANSFER_MIB} 2>/dev/null && \
-             sha256sum /tmp/up > /tmp/up.sum && \
-             (nc 10.0.0.1 5000 < /tmp/up; echo $? > /tmp/nc.rc) > /dev/null 2>&1 & echo started"
-        ),
-        T,
-    )?;
+    let receiver = guest_upload::receive(
+        listener,
+        Arc::clone(&received),
+        Some(RECEIVE_BYTES_PER_SEC),
+        Some(RECEIVE_TIMEOUT),
+    );
+    guest_upload::start(&mut src, TRANSFER_MIB, "10.0.0.1", 5000, T)?;
     let start = Instant::now();
     while received.load(Ordering::Relaxed) < MIB {
         ensure!(start.elapsed() < T, "the transfer does not start");
@@ -213,16 +184,7 @@ fn a_tcp_transfer_spanning_a_migration_completes_and_the_guest_pings_after_there
             )));
         }
     };
-    let sent = dest.run_ok(
-        "while [ ! -e /tmp/nc.rc ]; do sleep 0.2; done; cat /tmp/nc.rc /tmp/up.sum",
-        T,
-    )?;
-    let mut lines = sent.lines();
-    ensure!(lines.next() == Some("0"), "nc failed: {sent}");
-    ensure!(
-        lines.next().unwrap_or_default().starts_with(&got),
-        "the transfer arrived corrupted"
-    );
+    guest_upload::check(&mut dest, &got, T)?;
     let ping = dest.run("ping -c 2 -W 5 10.0.0.1", T)?;
     ensure!(
         ping.status == 0,

@@ -142,6 +142,7 @@ fn guests_ping_and_transfer_megabytes_both_ways_then_a_second_vm_attaches() -> R
 #[test]
 fn tcp_transfer_survives_daemon_crashes() -> Result<()> {
     use bulkhead_tests::daemon::Scratch;
+    use bulkhead_tests::guest_upload;
     use bulkhead_tests::netns::NetNs;
     use bulkhead_tests::supervisor::{Mode, Supervised};
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -172,29 +173,13 @@ fn tcp_transfer_survives_daemon_crashes() -> Result<()> {
         g.run_ok("ping -c 1 -W 5 10.0.0.1", T)?;
         let listener = ns.run_in(|| Ok(TcpListener::bind("10.0.0.1:5000")?))?;
         let received = Arc::new(AtomicUsize::new(0));
-        let counter = Arc::clone(&received);
-        let receiver = std::thread::spawn(move || -> Result<String> {
-            let (mut s, _) = listener.accept()?;
-            let mut h = Sha256::new();
-            let mut buf = vec![0u8; 1 << 16];
-            loop {
-                let n = s.read(&mut buf)?;
-                if n == 0 {
-                    return Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect());
-                }
-                h.update(&buf[..n]);
-                counter.fetch_add(n, Ordering::Relaxed);
-            }
-        });
+        let receiver = guest_upload::receive(listener, Arc::clone(&received), None, None);
         let kills: usize = std::env::var("BULKHEAD_KILLS")
             .ok()
             .and_then(|k| k.parse().ok())
             .unwrap_or(3);
         let size = (24 * MIB).max(kills * 3 * MIB);
-        g.run_ok(
-            &format!("dd if=/dev/urandom of=/tmp/up bs={MIB} count={} 2>/dev/null && sha256sum /tmp/up > /tmp/up.sum && (nc 10.0.0.1 5000 < /tmp/up; echo $? > /tmp/nc.rc) > /dev/null 2>&1 & echo started", size / MIB),
-            T,
-        )?;
+        guest_upload::start(&mut g, size / MIB, "10.0.0.1", 5000, T)?;
         // Crash the daemon (three times by default) while the bytes are flowing.
         let mut resumed = Vec::new();
         for k in 1..=kills {
@@ -220,16 +205,7 @@ fn tcp_transfer_survives_daemon_crashes() -> Result<()> {
             resumed.push(t0.elapsed());
         }
         let got = receiver.join().expect("receiver")?;
-        let sent = g.run_ok(
-            "while [ ! -e /tmp/nc.rc ]; do sleep 0.2; done; cat /tmp/nc.rc /tmp/up.sum",
-            T,
-        )?;
-        let mut lines = sent.lines();
-        ensure!(lines.next() == Some("0"), "{mode:?}: nc failed: {sent}");
-        ensure!(
-            lines.next().unwrap_or_default().starts_with(&got),
-            "{mode:?}: transfer corrupted"
-        );
+        guest_upload::check(&mut g, &got, T).with_context(|| format!("{mode:?}"))?;
         let ping = g.run("ping -c 2 -W 5 10.0.0.1", T)?;
         ensure!(
             ping.status == 0,

@@ -47,21 +47,21 @@ pub fn make_migratable(cfg: &mut QemuConfig) {
     }
 }
 
-/// One migration: `dest` (its `incoming` set to a unix socket at `listen`, its QMP socket at
-/// `dest_qmp`) is started, the VM behind `source_qmp` is migrated to it, `during` runs once the
-/// migration is under way, and the call returns when the destination runs. The source QEMU is
-/// told to quit.
+/// One migration: the destination QEMU (`dest` builds its configuration from the `-incoming`
+/// URI, a unix socket at `listen`; its QMP socket at `dest_qmp`) is started, the VM behind
+/// `source_qmp` is migrated to it, `during` runs once the migration is under way, and the call
+/// returns when the destination runs. The source QEMU is told to quit.
 pub fn migrate(
     kit: &GuestKit,
     source_qmp: &Path,
-    dest: &QemuConfig,
+    dest: impl FnOnce(String) -> QemuConfig,
     dest_qmp: &Path,
     listen: &Path,
     pace: MigrationPace,
     during: impl FnOnce(&mut Qmp) -> Result<()>,
 ) -> Result<(Guest, MigrationStats)> {
     let uri = incoming_uri(listen);
-    let guest = Guest::incoming(kit, dest)?;
+    let guest = Guest::incoming(kit, &dest(uri.clone()))?;
     let mut dq = Qmp::connect(dest_qmp, QMP_TIMEOUT)?;
     eventually(QMP_TIMEOUT, "the destination to listen", || {
         Ok(listen.exists())
