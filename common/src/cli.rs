@@ -5,7 +5,9 @@
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 
+use crate::control::ControlListener;
 use crate::serve::{inherited_fd, systemd_socket, Endpoint, EngineOptions, ServeError};
+use crate::socket_access::SocketAccess;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
@@ -58,6 +60,23 @@ pub struct ServeArgs {
     #[arg(long)]
     pub no_seccomp: bool,
 
+    /// Give the sockets the daemon creates (--socket-path, --control-socket) to this group
+    /// (name or id), so that a VMM running as another user in that group can connect (QEMU under
+    /// libvirt on Debian runs as libvirt-qemu, group kvm). Sockets systemd passes are set up by
+    /// the unit's SocketGroup= instead.
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
+
+    /// Mode of the sockets the daemon creates, in octal (default 0660 with --socket-group,
+    /// otherwise what the umask gives).
+    #[arg(long, value_name = "MODE", value_parser = crate::socket_access::parse_mode)]
+    pub socket_mode: Option<u32>,
+
+    /// Also listen on this unix socket for control requests (status, statistics, resize: see
+    /// `bulkhead-ctl`). Off by default; same --socket-group/--socket-mode rules.
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+
     /// Log filter (error, warn, info, debug, trace, or a tracing directive); overrides RUST_LOG.
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
@@ -69,6 +88,10 @@ pub enum EndpointError {
     Missing,
     #[error(transparent)]
     Serve(#[from] ServeError),
+    #[error("--socket-group and --socket-mode apply to sockets the daemon creates, not to --fd, --client or a systemd socket")]
+    AccessWithoutSocket,
+    #[error("bad socket ownership")]
+    Access(#[from] crate::socket_access::AccessError),
 }
 
 impl ServeArgs {
@@ -89,8 +112,39 @@ impl ServeArgs {
             break_dirty_log: self.test_break_dirty_log,
         }
     }
+    /// Binds `--control-socket` (before the daemon confines itself), if given.
+    pub fn control_listener(&self) -> Result<Option<ControlListener>, EndpointError> {
+        let access = self.socket_access()?;
+        self.control_socket
+            .as_deref()
+            .map(|p| ControlListener::bind(p, &access))
+            .transpose()
+            .map_err(EndpointError::Access)
+    }
+
+    /// `--socket-group` / `--socket-mode`.
+    pub fn socket_access(&self) -> Result<SocketAccess, EndpointError> {
+        Ok(SocketAccess::new(
+            self.socket_group.as_deref(),
+            self.socket_mode,
+        )?)
+    }
+
     /// Where frontends come from: `--fd`, then a systemd-activated socket, then `--socket-path`.
+    /// Ownership options are refused where the daemon creates no frontend socket, unless a
+    /// control socket is there to take them.
     pub fn endpoint(&self) -> Result<Endpoint, EndpointError> {
+        let access = self.socket_access()?;
+        let endpoint = self.frontend_endpoint(access)?;
+        let creates_socket =
+            matches!(endpoint, Endpoint::Listen(..)) || self.control_socket.is_some();
+        if access.is_set() && !creates_socket {
+            return Err(EndpointError::AccessWithoutSocket);
+        }
+        Ok(endpoint)
+    }
+
+    fn frontend_endpoint(&self, access: SocketAccess) -> Result<Endpoint, EndpointError> {
         if let Some(fd) = self.fd {
             return Ok(Endpoint::Inherited(inherited_fd(fd)?));
         }
@@ -99,7 +153,7 @@ impl ServeArgs {
         }
         match (&self.socket_path, self.client) {
             (Some(p), true) => Ok(Endpoint::Connect(p.clone())),
-            (Some(p), false) => Ok(Endpoint::Listen(p.clone())),
+            (Some(p), false) => Ok(Endpoint::Listen(p.clone(), access)),
             (None, _) => Err(EndpointError::Missing),
         }
     }

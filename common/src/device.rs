@@ -5,6 +5,8 @@ use std::os::fd::RawFd;
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 
+pub use crate::control::metrics::Metrics;
+pub use crate::control::protocol::{CommandDone, CommandError};
 pub use crate::queue_ctx::QueueCtx;
 use crate::vring::RingError;
 
@@ -119,6 +121,27 @@ pub trait Device: Send + Sync + 'static {
 
     /// Log counters (SIGUSR1).
     fn report(&self) {}
+
+    /// What the device is, for `status` ("block", "net").
+    fn kind(&self) -> &'static str;
+
+    /// Adds the device's statistics (control socket `stats`).
+    fn metrics(&self, _out: &mut Metrics) {}
+
+    /// Names of the device's own control commands (beyond the engine's status and stats).
+    fn commands(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// Runs a device control command (on the control thread, never a queue's). A result with
+    /// `config_changed` makes the engine tell the frontend (CONFIG_CHANGE_MSG).
+    fn command(
+        &self,
+        _name: &str,
+        _args: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<CommandDone, CommandError> {
+        Err(CommandError::Unknown)
+    }
 }
 
 /// How a pass over the queue ended.

@@ -15,6 +15,7 @@
 
 pub mod capabilities;
 pub mod cli;
+pub mod control;
 pub mod device;
 pub mod dirty_log;
 pub mod guest_access;
@@ -35,6 +36,7 @@ pub mod sd_notify;
 pub mod serve;
 pub mod session;
 pub mod signals;
+pub mod socket_access;
 pub mod vring;
 mod worker;
 

@@ -123,6 +123,7 @@ impl ThreadedQueue {
             used_log: Arc::new(std::sync::atomic::AtomicU64::new(
                 crate::worker::NO_USED_LOG,
             )),
+            progress: Arc::default(),
         };
         Ok(Self {
             worker: Some(Worker::spawn(spec).map_err(LocalError::Spawn)?),

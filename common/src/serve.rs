@@ -11,10 +11,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::control::state::EngineState;
+use crate::control::{ControlListener, ControlServer};
 use crate::device::Device;
 pub use crate::sd_notify::sd_notify;
 use crate::session::{Session, SessionEnd};
 use crate::signals::{Signals, Wait};
+use crate::socket_access::SocketAccess;
 
 /// How queues are run.
 #[derive(Debug, Clone, Copy, Default)]
@@ -30,8 +33,9 @@ pub struct EngineOptions {
 /// Where frontends come from.
 #[derive(Debug)]
 pub enum Endpoint {
-    /// Create a listening socket at this path (a stale socket file is replaced).
-    Listen(PathBuf),
+    /// Create a listening socket at this path (a stale socket file is replaced), with this
+    /// ownership and mode.
+    Listen(PathBuf, SocketAccess),
     /// Connect to a frontend listening at this path (`--client`), retrying with backoff.
     Connect(PathBuf),
     /// An inherited socket: listening (accept frontends) or connected (serve it once).
@@ -40,12 +44,8 @@ pub enum Endpoint {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("cannot listen on {path}")]
-    Listen {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Listen(#[from] crate::socket_access::AccessError),
     #[error("cannot accept a connection")]
     Accept(#[source] io::Error),
     #[error("inherited descriptor {fd} is not a unix stream socket")]
@@ -56,6 +56,8 @@ pub enum ServeError {
     },
     #[error("systemd passed {0} sockets; exactly one is supported")]
     ListenFds(usize),
+    #[error("cannot start the control socket's thread")]
+    Control(#[source] io::Error),
     #[error("cannot install the guard against revoked guest memory (SIGBUS)")]
     Revoke(#[source] io::Error),
 }
@@ -82,8 +84,8 @@ impl Endpoint {
     /// Binds a listening socket, or checks an inherited descriptor.
     pub fn bind(self) -> Result<Bound, ServeError> {
         match self {
-            Endpoint::Listen(path) => Ok(Bound::Listener {
-                listener: listen(&path)?,
+            Endpoint::Listen(path, access) => Ok(Bound::Listener {
+                listener: access.listen(&path)?,
                 path: Some(path),
             }),
             Endpoint::Connect(path) => Ok(Bound::Connect(path)),
@@ -107,20 +109,36 @@ impl Endpoint {
 pub fn serve<D: Device>(
     device: Arc<D>,
     endpoint: Bound,
+    control: Option<ControlListener>,
     signals: &Signals,
     opts: EngineOptions,
 ) -> Result<(), ServeError> {
     crate::revoke::install().map_err(ServeError::Revoke)?;
+    let state = Arc::new(EngineState::new(device.num_queues()));
+    // Stopped (and its socket removed) when serving ends.
+    let _control = control
+        .map(|l| {
+            let engine = crate::control::Engine::new(Arc::clone(&device), Arc::clone(&state));
+            ControlServer::spawn(l, Arc::new(engine))
+        })
+        .transpose()
+        .map_err(ServeError::Control)?;
+    let serving = Serving {
+        device: &device,
+        state: &state,
+        signals,
+        opts,
+    };
     match endpoint {
         Bound::Listener { listener, path } => {
             let _cleanup = path.map(RemoveOnDrop);
-            accept_loop(&device, &listener, signals, opts)
+            accept_loop(&serving, &listener)
         }
         Bound::Connect(path) => {
             sd_notify("READY=1");
             while let Some(stream) = connect_with_backoff(&path, signals) {
                 tracing::info!(path = %path.display(), "connected to frontend");
-                if run_session(&device, stream, signals, opts) == SessionEnd::Shutdown {
+                if serving.session(stream) == SessionEnd::Shutdown {
                     break;
                 }
             }
@@ -128,9 +146,37 @@ pub fn serve<D: Device>(
         }
         Bound::Connected(stream) => {
             sd_notify("READY=1");
-            run_session(&device, stream, signals, opts);
+            serving.session(stream);
             Ok(())
         }
+    }
+}
+
+/// What every session of this daemon is run with.
+struct Serving<'a, D> {
+    device: &'a Arc<D>,
+    state: &'a Arc<EngineState>,
+    signals: &'a Signals,
+    opts: EngineOptions,
+}
+
+impl<D: Device> Serving<'_, D> {
+    fn session(&self, stream: UnixStream) -> SessionEnd {
+        let session = Session::new(
+            Arc::clone(self.device),
+            stream,
+            self.opts,
+            Arc::clone(self.state),
+        );
+        let end = session.run(self.signals);
+        match end {
+            SessionEnd::Disconnected => tracing::info!("frontend disconnected"),
+            SessionEnd::Shutdown => {
+                sd_notify("STOPPING=1");
+                tracing::info!("shutting down");
+            }
+        }
+        end
     }
 }
 
@@ -172,18 +218,17 @@ pub fn inherited_fd(fd: RawFd) -> Result<OwnedFd, ServeError> {
 }
 
 fn accept_loop<D: Device>(
-    device: &Arc<D>,
+    serving: &Serving<'_, D>,
     listener: &UnixListener,
-    signals: &Signals,
-    opts: EngineOptions,
 ) -> Result<(), ServeError> {
+    let signals = serving.signals;
     sd_notify("READY=1");
     tracing::info!("waiting for frontends");
     loop {
         match signals.wait_readable(listener.as_fd()) {
             Wait::Shutdown => return Ok(()),
             Wait::Report => {
-                device.report();
+                serving.device.report();
                 continue;
             }
             // Only sessions wait on a second descriptor.
@@ -196,45 +241,9 @@ fn accept_loop<D: Device>(
             Err(e) => return Err(ServeError::Accept(e)),
         };
         tracing::info!("frontend connected");
-        if run_session(device, stream, signals, opts) == SessionEnd::Shutdown {
+        if serving.session(stream) == SessionEnd::Shutdown {
             return Ok(());
         }
-    }
-}
-
-fn run_session<D: Device>(
-    device: &Arc<D>,
-    stream: UnixStream,
-    signals: &Signals,
-    opts: EngineOptions,
-) -> SessionEnd {
-    let end = Session::new(Arc::clone(device), stream, opts).run(signals);
-    match end {
-        SessionEnd::Disconnected => tracing::info!("frontend disconnected"),
-        SessionEnd::Shutdown => {
-            sd_notify("STOPPING=1");
-            tracing::info!("shutting down");
-        }
-    }
-    end
-}
-
-fn listen(path: &Path) -> Result<UnixListener, ServeError> {
-    let err = |source| ServeError::Listen {
-        path: path.to_owned(),
-        source,
-    };
-    match UnixListener::bind(path) {
-        Ok(l) => Ok(l),
-        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
-            // A socket file left by a previous instance: replace it unless someone listens.
-            if UnixStream::connect(path).is_ok() {
-                return Err(err(e));
-            }
-            std::fs::remove_file(path).map_err(err)?;
-            UnixListener::bind(path).map_err(err)
-        }
-        Err(e) => Err(err(e)),
     }
 }
 

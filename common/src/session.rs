@@ -16,12 +16,14 @@ use vhost::vhost_user::message::{
 use vm_memory::{ByteValued, GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::control::state::{EngineState, QueueConfig};
 use crate::device::{Device, DeviceError};
 use crate::dirty_log::{DirtyLog, LogState};
 use crate::guest_warn;
 use crate::inflight::{InflightError, InflightRegion};
 use crate::memory::{GuestMemory, MemoryError, MemoryTable, MAX_MEM_SLOTS};
 use crate::notify::Signal;
+use crate::protocol::backend::BackendChannel;
 use crate::protocol::channel::{Channel, ChannelError, Message};
 use crate::protocol::wire::{decode_exact, decode_prefix, Header, MAX_FDS};
 use crate::queue_ctx::Tracking;
@@ -165,11 +167,12 @@ pub struct Session<D: Device> {
     memory: MemoryTable,
     mem: GuestMemoryAtomic<GuestMemory>,
     queues: Vec<QueueSlot>,
-    backend_req: Option<UnixStream>,
     inflight: Option<Arc<InflightRegion>>,
     /// The dirty log of a migration, shared with the queue workers.
     log: Arc<LogState>,
     opts: crate::serve::EngineOptions,
+    /// What the control socket reports (and the backend channel it may use).
+    state: Arc<EngineState>,
 }
 
 impl<D: Device> std::fmt::Debug for Session<D> {
@@ -184,7 +187,12 @@ impl<D: Device> std::fmt::Debug for Session<D> {
 }
 
 impl<D: Device> Session<D> {
-    pub fn new(device: Arc<D>, stream: UnixStream, opts: crate::serve::EngineOptions) -> Self {
+    pub fn new(
+        device: Arc<D>,
+        stream: UnixStream,
+        opts: crate::serve::EngineOptions,
+        state: Arc<EngineState>,
+    ) -> Self {
         let max = device.max_queue_size();
         let queues = (0..device.num_queues())
             .map(|_| QueueSlot::new(max))
@@ -198,7 +206,6 @@ impl<D: Device> Session<D> {
             memory: MemoryTable::new(),
             mem: GuestMemoryAtomic::new(GuestMemory::new()),
             queues,
-            backend_req: None,
             inflight: None,
             log: {
                 let log = LogState::new();
@@ -206,13 +213,16 @@ impl<D: Device> Session<D> {
                 Arc::new(log)
             },
             opts,
+            state,
         }
     }
 
     /// Serves requests until the frontend disconnects or `shutdown` becomes readable.
     pub fn run(mut self, shutdown: &crate::signals::Signals) -> SessionEnd {
+        self.state.session_started();
         let end = self.serve(shutdown);
         self.teardown();
+        self.state.session_ended();
         end
     }
 
@@ -278,6 +288,7 @@ impl<D: Device> Session<D> {
             Some(r) => self.handle(r, &msg.payload, msg.fds),
         };
         let has_own_reply = req.is_some_and(has_reply);
+        self.describe();
         match result {
             Ok(Reply::Payload(p)) => self.channel.send(&header.reply(len32(&p)), &p, &[]),
             Ok(Reply::PayloadWithFd(p, fd)) => {
@@ -295,6 +306,29 @@ impl<D: Device> Session<D> {
                 }
             }
         }
+    }
+
+    /// Tells the control socket what the frontend has set up so far.
+    fn describe(&self) {
+        let queues = self
+            .queues
+            .iter()
+            .zip(0u16..)
+            .filter(|(q, _)| q.vmm_addrs.is_some() || q.enabled || q.worker.is_some())
+            .map(|(q, index)| QueueConfig {
+                index,
+                size: q.size,
+                enabled: q.enabled,
+                configured: q.vmm_addrs.is_some() && (q.kick.is_some() || q.worker.is_some()),
+            })
+            .collect();
+        self.state.describe_session(|s| {
+            s.features = self.acked_features;
+            s.protocol_features = self.acked_protocol.map(|p| p.bits());
+            s.inflight_tracking = self.inflight.is_some();
+            s.dirty_logging = self.acked_features & VHOST_F_LOG_ALL != 0;
+            s.queues = queues;
+        });
     }
 
     /// Whether `feature` (if a request needs one) was offered by us and acked by the frontend.
@@ -604,6 +638,7 @@ impl<D: Device> Session<D> {
                     // A restart: the guest's earlier choices (QEMU does not send them again).
                     Some(state) => {
                         self.device.restore_state(&state);
+                        self.state.resumed();
                         tracing::info!("device state restored from the inflight region");
                     }
                     None => {
@@ -635,7 +670,9 @@ impl<D: Device> Session<D> {
             R::SET_BACKEND_REQ_FD => {
                 expect_fds(1, &fds)?;
                 let fd = fds.into_iter().next().ok_or_else(bad)?;
-                self.backend_req = Some(UnixStream::from(fd));
+                let reply_ack = self.negotiated(Some(VhostUserProtocolFeatures::REPLY_ACK));
+                self.state
+                    .set_backend(Some(BackendChannel::new(UnixStream::from(fd), reply_ack)));
                 Ok(Reply::Ack)
             }
             other => Err(RequestError::Unsupported(other)),
@@ -777,7 +814,7 @@ impl<D: Device> Session<D> {
         let tracking = match self
             .inflight
             .as_ref()
-            .map(|r| recover(r, i, &mut ring))
+            .map(|r| recover(r, i, &mut ring, &self.state))
             .transpose()
         {
             Ok(t) => t.unwrap_or_default(),
@@ -815,6 +852,7 @@ impl<D: Device> Session<D> {
             view: None,
             log: Arc::clone(&self.log),
             used_log: Arc::clone(&slot.used_log),
+            progress: self.state.queue(i),
         };
         match Worker::spawn(spec) {
             Ok(w) => {
@@ -878,10 +916,12 @@ fn recover(
     region: &Arc<InflightRegion>,
     index: u16,
     ring: &mut SplitRing,
+    state: &EngineState,
 ) -> Result<Tracking, InflightError> {
     let mut q = region.queue(index, ring.size())?;
     let r = q.recover(ring.next_used())?;
     if !r.resubmit.is_empty() {
+        state.add_resubmitted(r.resubmit.len() as u64);
         tracing::info!(
             queue = index,
             owed = r.resubmit.len(),

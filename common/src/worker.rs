@@ -66,6 +66,8 @@ pub(crate) struct WorkerSpec<H> {
     /// Guest physical address the used ring is logged at (`u64::MAX`: not logged); the
     /// frontend may set it while the ring runs.
     pub used_log: Arc<AtomicU64>,
+    /// Where the ring stands, for the control socket's `status`.
+    pub progress: Arc<crate::control::state::QueueProgress>,
 }
 
 /// No used-ring logging address.
@@ -141,6 +143,7 @@ fn run<H: QueueHandler>(
     stop: EventFd,
 ) -> (SplitRing, EventFd) {
     let mut broken = false;
+    spec.progress.set_running(true);
     // Chains may already be waiting (a restarted backend): look before the first kick.
     pass(&mut spec, &mut broken);
     let mut events = [EpollEvent::default(); 8];
@@ -171,6 +174,9 @@ fn run<H: QueueHandler>(
     }
     let _ = stop.read();
     finish(&mut spec);
+    spec.progress
+        .publish(spec.ring.next_avail(), spec.ring.next_used());
+    spec.progress.set_running(false);
     (spec.ring, spec.kick)
 }
 
@@ -269,6 +275,8 @@ fn pass<H: QueueHandler>(spec: &mut WorkerSpec<H>, broken: &mut bool) {
         spec.err.signal();
         *broken = true;
     }
+    spec.progress
+        .publish(spec.ring.next_avail(), spec.ring.next_used());
 }
 
 fn pass_inner<H: QueueHandler>(

@@ -1,4 +1,5 @@
 //! vhost-user wire format and message framing.
 
+pub mod backend;
 pub mod channel;
 pub mod wire;

@@ -5,7 +5,7 @@
 mod privileges;
 mod seccomp;
 
-pub use privileges::{drop_to, PrivilegeError};
+pub use privileges::{drop_to, lookup_group, PrivilegeError};
 pub use seccomp::{install, Allow, SeccompError};
 
 /// What to do once set-up is over.

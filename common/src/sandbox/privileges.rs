@@ -34,7 +34,8 @@ fn lookup_user(name: &str) -> Result<(u32, u32), PrivilegeError> {
     Ok((pw.pw_uid, pw.pw_gid))
 }
 
-fn lookup_group(name: &str) -> Result<u32, PrivilegeError> {
+/// The id of group `name`.
+pub fn lookup_group(name: &str) -> Result<u32, PrivilegeError> {
     let c = CString::new(name).map_err(|_| PrivilegeError::NoGroup(name.to_owned()))?;
     // SAFETY: as for getpwnam_r above.
     let mut gr: libc::group = unsafe { std::mem::zeroed() };

@@ -54,6 +54,11 @@ pub struct Args {
     /// How requests are executed.
     #[arg(long, value_enum, default_value_t = IoEngine::Auto)]
     pub io_engine: IoEngine,
+
+    /// Do not count requests (the control socket's `stats` then reports zeroes); the harness
+    /// uses it to measure what counting costs.
+    #[arg(long)]
+    pub no_stats: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +91,7 @@ pub struct Config {
     pub serial: [u8; ID_BYTES],
     pub direct: bool,
     pub io_engine: IoEngine,
+    pub stats: bool,
 }
 
 impl TryFrom<Args> for Config {
@@ -117,6 +123,7 @@ impl TryFrom<Args> for Config {
             serial,
             direct: a.direct,
             io_engine: a.io_engine,
+            stats: !a.no_stats,
         })
     }
 }

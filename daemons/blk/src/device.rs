@@ -17,6 +17,10 @@ use crate::disk::Disk;
 use crate::io::sync::ID_BYTES;
 use crate::io::IoEngine;
 use crate::queue::BlkQueue;
+use crate::stats::BlkQueueStats;
+use bulkhead_common::control::metrics::{Family, Kind};
+use bulkhead_common::device::{CommandDone, CommandError, Metrics};
+use serde_json::{json, Map, Value};
 
 /// Data segments per request we accept, advertised as `seg_max`. QEMU's default queue size is
 /// 128; a guest never builds a chain longer than `seg_max + 2` descriptors, so this keeps every
@@ -48,12 +52,16 @@ pub struct BlkOptions {
     pub queue_size: u16,
     pub engine: IoEngine,
     pub serial: [u8; ID_BYTES],
+    /// Count requests per queue (`--no-stats` turns it off).
+    pub stats: bool,
 }
 
 #[derive(Debug)]
 pub struct BlkDevice {
     shared: Arc<Shared>,
     opts: BlkOptions,
+    /// Per queue, for the process's lifetime (counters survive frontends).
+    stats: Vec<Arc<BlkQueueStats>>,
 }
 
 impl BlkDevice {
@@ -64,9 +72,13 @@ impl BlkDevice {
             writeback: AtomicBool::new(true),
             flush_negotiated: AtomicBool::new(false),
         };
+        let stats = (0..opts.num_queues)
+            .map(|_| Arc::new(BlkQueueStats::default()))
+            .collect();
         Self {
             shared: Arc::new(shared),
             opts,
+            stats,
         }
     }
 
@@ -105,7 +117,10 @@ impl Device for BlkDevice {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        // BACKEND_REQ: the channel a resize is announced on (CONFIG_CHANGE_MSG).
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::BACKEND_REQ
     }
 
     fn num_queues(&self) -> u16 {
@@ -160,8 +175,14 @@ impl Device for BlkDevice {
     }
 
     fn queue_handler(&self, index: u16, _features: u64) -> Result<BlkQueue, DeviceError> {
+        let stats = self
+            .stats
+            .get(usize::from(index))
+            .filter(|_| self.opts.stats)
+            .cloned();
         BlkQueue::new(
             Arc::clone(&self.shared),
+            stats,
             self.opts.engine,
             self.opts.queue_size,
         )
@@ -185,5 +206,51 @@ impl Device for BlkDevice {
     fn disconnected(&self) {
         // A new frontend is a new guest driver: the cache mode starts over at its default.
         self.shared.writeback.store(true, Ordering::Relaxed);
+    }
+
+    fn kind(&self) -> &'static str {
+        "block"
+    }
+
+    fn metrics(&self, out: &mut Metrics) {
+        let mut f = Family::new(
+            "bulkhead_blk_capacity_bytes",
+            "Capacity the guest is offered.",
+            Kind::Gauge,
+        );
+        f.number(Vec::new(), self.shared.disk.capacity());
+        out.push(f);
+        crate::stats::metrics(&self.stats, out);
+    }
+
+    fn commands(&self) -> &'static [&'static str] {
+        &["resize"]
+    }
+
+    fn command(&self, name: &str, args: &Map<String, Value>) -> Result<CommandDone, CommandError> {
+        if name != "resize" {
+            return Err(CommandError::Unknown);
+        }
+        if let Some(other) = args.keys().find(|k| *k != "size") {
+            return Err(CommandError::BadArguments(format!(
+                "resize takes only \"size\", not {other:?}"
+            )));
+        }
+        let size = match args.get("size") {
+            None => None,
+            Some(v) => Some(v.as_u64().ok_or_else(|| {
+                CommandError::BadArguments("size must be a number of bytes".into())
+            })?),
+        };
+        let r = crate::resize::resize(&self.shared.disk, size).map_err(|e| match e {
+            crate::resize::ResizeError::Grow(_) | crate::resize::ResizeError::Measure(_) => {
+                CommandError::Failed(bulkhead_common::logging::chain(&e))
+            }
+            other => CommandError::Refused(other.to_string()),
+        })?;
+        Ok(CommandDone {
+            result: json!({ "old_bytes": r.old, "new_bytes": r.new }),
+            config_changed: r.old != r.new,
+        })
     }
 }

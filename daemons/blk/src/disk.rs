@@ -8,6 +8,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::request::SECTOR_SIZE;
 
@@ -54,8 +55,9 @@ pub struct Disk {
     file: File,
     path: PathBuf,
     kind: DiskKind,
-    /// Capacity in bytes, a multiple of 512 (a trailing partial sector is not exposed).
-    capacity: u64,
+    /// Capacity in bytes, a multiple of 512 (a trailing partial sector is not exposed); changed
+    /// only by a resize on the control thread, read by every request's bounds check.
+    capacity: AtomicU64,
     logical_block: u32,
     physical_block: u32,
     read_only: bool,
@@ -64,7 +66,7 @@ pub struct Disk {
 
 // Block device ioctls (linux/fs.h); `libc` does not export these request numbers.
 const BLKSSZGET: libc::c_ulong = 0x1268;
-const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+pub const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 const BLKPBSZGET: libc::c_ulong = 0x127b;
 pub const BLKDISCARD: libc::c_ulong = 0x1277;
 pub const BLKZEROOUT: libc::c_ulong = 0x127f;
@@ -128,7 +130,7 @@ impl Disk {
             file,
             path,
             kind,
-            capacity,
+            capacity: AtomicU64::new(capacity),
             logical_block: logical,
             physical_block: physical,
             read_only: opts.read_only,
@@ -152,7 +154,7 @@ impl Disk {
             file,
             path,
             kind: DiskKind::Null,
-            capacity,
+            capacity: AtomicU64::new(capacity),
             logical_block: 512,
             physical_block: 4096,
             read_only,
@@ -170,7 +172,22 @@ impl Disk {
         self.kind
     }
     pub fn capacity(&self) -> u64 {
-        self.capacity
+        self.capacity.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_capacity(&self, bytes: u64) {
+        self.capacity.store(bytes, Ordering::Relaxed);
+    }
+
+    /// The size of the file or device now, in bytes (whole sectors); a null disk has no size
+    /// of its own and answers its capacity.
+    pub(crate) fn measure(&self) -> io::Result<u64> {
+        let bytes = match self.kind {
+            DiskKind::File => self.file.metadata()?.len(),
+            DiskKind::BlockDevice => ioctl_u64(&self.file, BLKGETSIZE64)?,
+            DiskKind::Null => self.capacity(),
+        };
+        Ok(bytes - bytes % SECTOR_SIZE)
     }
     pub fn logical_block(&self) -> u32 {
         self.logical_block

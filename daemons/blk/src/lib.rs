@@ -20,6 +20,8 @@ pub mod disk;
 pub mod io;
 pub mod queue;
 pub mod request;
+pub mod resize;
+pub mod stats;
 
 use std::sync::Arc;
 
@@ -40,7 +42,11 @@ const SYSCALLS: &[sandbox::Allow] = &[
     sandbox::Allow::any(libc::SYS_fallocate),
     sandbox::Allow::any(libc::SYS_fdatasync),
     sandbox::Allow::any(libc::SYS_fsync),
-    sandbox::Allow::with_arg1(libc::SYS_ioctl, &[disk::BLKDISCARD, disk::BLKZEROOUT]),
+    // BLKGETSIZE64: a resize re-reads a block device's size.
+    sandbox::Allow::with_arg1(
+        libc::SYS_ioctl,
+        &[disk::BLKDISCARD, disk::BLKZEROOUT, disk::BLKGETSIZE64],
+    ),
 ];
 
 /// `--print-capabilities` output.
@@ -89,6 +95,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
         "disk opened"
     );
     let endpoint = config.serve.endpoint()?.bind()?;
+    let control = config.serve.control_listener()?;
     let device = BlkDevice::new(
         disk,
         BlkOptions {
@@ -96,6 +103,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
             queue_size: config.queue_size,
             engine,
             serial: config.serial,
+            stats: config.stats,
         },
     );
     // Everything privileged is open: confine the daemon before any queue thread exists.
@@ -103,6 +111,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
     serve::serve(
         Arc::new(device),
         endpoint,
+        control,
         &signals,
         config.serve.engine_options(),
     )?;

@@ -3,16 +3,19 @@
 
 use std::io;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bulkhead_common::vring::{Desc, RingError};
 use bulkhead_common::{guest_warn, Progress, QueueCtx, QueueHandler};
 use vm_memory::GuestAddress;
 
 use crate::device::{Shared, SEG_MAX};
+use crate::disk::DiskKind;
 use crate::io::sync::{Outcome, SyncIo};
 use crate::io::uring::{Done, NotQueued, Uring};
 use crate::io::IoEngine;
 use crate::request::{self, Limits, Segment};
+use crate::stats::{BlkQueueStats, OpKind, Tally};
 
 /// Requests queued on io_uring before they are submitted mid-pass: one system call per few
 /// requests, and the first ones already running while later ones are parsed.
@@ -21,6 +24,10 @@ const SUBMIT_EVERY: u32 = 8;
 #[derive(Debug)]
 pub struct BlkQueue {
     shared: Arc<Shared>,
+    /// This queue's counters (none with `--no-stats`).
+    stats: Option<Arc<BlkQueueStats>>,
+    /// The clock as last read (see `crate::stats` for when).
+    now: Instant,
     uring: Option<Uring>,
     descs: Vec<Desc>,
     data: Vec<Segment>,
@@ -33,13 +40,20 @@ pub struct BlkQueue {
 unsafe impl Send for BlkQueue {}
 
 impl BlkQueue {
-    pub fn new(shared: Arc<Shared>, engine: IoEngine, queue_size: u16) -> io::Result<Self> {
+    pub fn new(
+        shared: Arc<Shared>,
+        stats: Option<Arc<BlkQueueStats>>,
+        engine: IoEngine,
+        queue_size: u16,
+    ) -> io::Result<Self> {
         let uring = match engine.resolve(&shared.disk) {
             IoEngine::Sync | IoEngine::Auto => None,
             IoEngine::IoUring => Some(Uring::new(queue_size)?),
         };
         Ok(Self {
             shared,
+            stats,
+            now: Instant::now(),
             uring,
             descs: Vec::new(),
             data: Vec::new(),
@@ -63,21 +77,40 @@ impl BlkQueue {
             Ok(r) => r,
             Err((e, status)) => {
                 guest_warn!(head, "bad request: {e}");
+                let kind = match e {
+                    request::ParseError::Unsupported(_) => OpKind::Unsupported,
+                    _ => OpKind::Invalid,
+                };
+                self.count(&Tally::refused(kind, self.now), e.status());
                 return finish(ctx, head, status, e.status(), 0);
             }
         };
+        let tally = Tally::of(&req.op, self.now);
         let sync = sync_io(&self.shared);
         if let Some(uring) = self.uring.as_mut() {
-            match uring.queue(&sync, ctx.mem(), head, &req, &self.data) {
+            match uring.queue(&sync, ctx.mem(), head, &req, &self.data, tally) {
                 Ok(()) => return Ok(()),
                 Err(NotQueued::BadBuffers) => {
-                    return finish_outcome(ctx, head, req.status, Outcome::FAILED)
+                    self.count(&tally, Some(status_of(Outcome::FAILED)));
+                    return finish_outcome(ctx, head, req.status, Outcome::FAILED);
                 }
                 Err(NotQueued::RunSync) => {}
             }
         }
         let outcome = sync.execute(ctx.mem(), &req, &self.data, &mut self.iovs);
+        if self.stats.is_some() && sync.disk.kind() != DiskKind::Null {
+            // A file request took a system call: one more clock read is noise beside it.
+            self.now = Instant::now();
+        }
+        self.count(&tally, Some(status_of(outcome)));
         finish_outcome(ctx, head, req.status, outcome)
+    }
+
+    #[inline]
+    fn count(&self, tally: &Tally, status: Option<u8>) {
+        if let Some(s) = &self.stats {
+            s.completed(tally, status, self.now);
+        }
     }
 
     fn reap(&mut self, ctx: &mut QueueCtx<'_>) -> Result<(), RingError> {
@@ -86,9 +119,20 @@ impl BlkQueue {
         };
         let sync = sync_io(&self.shared);
         uring.reap(&sync, &mut self.done);
-        for d in self.done.drain(..) {
+        if self.done.is_empty() {
+            return Ok(());
+        }
+        if self.stats.is_some() {
+            self.now = Instant::now();
+        }
+        let mut done = std::mem::take(&mut self.done);
+        for d in done.drain(..) {
+            if let Some(t) = &d.tally {
+                self.count(t, Some(status_of(d.outcome)));
+            }
             finish_outcome(ctx, d.head, d.status, d.outcome)?;
         }
+        self.done = done;
         Ok(())
     }
 
@@ -124,23 +168,29 @@ fn finish(
     ctx.complete(head, used)
 }
 
+/// The status byte an outcome is reported with.
+fn status_of(outcome: Outcome) -> u8 {
+    let status = if outcome.ok {
+        virtio_bindings::virtio_blk::VIRTIO_BLK_S_OK
+    } else {
+        virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR
+    };
+    // Both constants are single bytes.
+    u8::try_from(status).unwrap_or(u8::MAX)
+}
+
 fn finish_outcome(
     ctx: &mut QueueCtx<'_>,
     head: u16,
     status_at: GuestAddress,
     outcome: Outcome,
 ) -> Result<(), RingError> {
-    let status = if outcome.ok {
-        virtio_bindings::virtio_blk::VIRTIO_BLK_S_OK
-    } else {
-        virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR
-    };
     let written = if outcome.ok { outcome.written } else { 0 };
     finish(
         ctx,
         head,
         Some(status_at),
-        u8::try_from(status).ok(),
+        Some(status_of(outcome)),
         written,
     )
 }
@@ -154,6 +204,10 @@ impl QueueHandler for BlkQueue {
     }
 
     fn process(&mut self, ctx: &mut QueueCtx<'_>) -> Result<Progress, RingError> {
+        if self.stats.is_some() {
+            // Requests taken in this pass count their latency from here.
+            self.now = Instant::now();
+        }
         self.reap(ctx)?;
         let mut progress = Progress::Idle;
         let mut unsubmitted = 0;
@@ -168,6 +222,7 @@ impl QueueHandler for BlkQueue {
             let Some(chain) = popped? else { break };
             if let Some(e) = chain.error {
                 guest_warn!(head = chain.head, "malformed chain: {e}");
+                self.count(&Tally::refused(OpKind::Invalid, self.now), None);
                 ctx.complete(chain.head, 0)?;
                 continue;
             }

@@ -269,6 +269,14 @@ impl Device for NetDevice {
         self.detach_all();
     }
 
+    fn kind(&self) -> &'static str {
+        "net"
+    }
+
+    fn metrics(&self, out: &mut bulkhead_common::device::Metrics) {
+        crate::stats::metrics(&self.stats, out);
+    }
+
     fn report(&self) {
         for (i, s) in self.stats.iter().enumerate() {
             let (packets, bytes, drops, errors) = s.snapshot();

@@ -108,6 +108,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
     }
     tracing::info!(tap = %name, queue_pairs = config.queue_pairs, "TAP ready");
     let endpoint = config.serve.endpoint()?.bind()?;
+    let control = config.serve.control_listener()?;
     let device = NetDevice::new(
         taps,
         NetOptions {
@@ -121,6 +122,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
     serve::serve(
         Arc::new(device),
         endpoint,
+        control,
         &signals,
         config.serve.engine_options(),
     )?;

@@ -231,6 +231,8 @@ fn in_process_device(case: &BlkCase, image: &std::path::Path) -> Result<(BlkDevi
             queue_size: QUEUE_SIZE,
             engine,
             serial: [0; 20],
+            // As the daemon runs by default: counting is part of the device logic compared.
+            stats: true,
         },
     );
     let s = setup(case.event_idx);

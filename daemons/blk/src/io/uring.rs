@@ -14,6 +14,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::sync::{transfer_all, Dir, Outcome, SyncIo};
 use crate::request::{Op, Request, Segment};
+use crate::stats::Tally;
 use bulkhead_common::iov;
 
 /// What a request in flight needs at completion.
@@ -25,6 +26,8 @@ struct Slot {
     iovs: Vec<libc::iovec>,
     /// Keeps the guest memory mappings the iovecs point into alive until the kernel is done.
     mem: Option<Arc<GuestMemory>>,
+    /// What the request counts as once it completes.
+    tally: Option<Tally>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -56,6 +59,7 @@ pub struct Done {
     pub head: u16,
     pub status: GuestAddress,
     pub outcome: Outcome,
+    pub tally: Option<Tally>,
 }
 
 /// `user_data` of the cancel request (never a slot index, which fits 16 bits).
@@ -98,6 +102,7 @@ impl Uring {
                 kind: SlotKind::Flush,
                 iovs: Vec::new(),
                 mem: None,
+                tally: None,
             })
             .collect();
         let free = (0..depth).rev().collect();
@@ -129,6 +134,7 @@ impl Uring {
         head: u16,
         req: &Request,
         data: &[Segment],
+        tally: Tally,
     ) -> Result<(), NotQueued> {
         let kind = match &req.op {
             Op::Read { offset, len } => SlotKind::Read {
@@ -188,6 +194,7 @@ impl Uring {
         slot.status = req.status;
         slot.kind = kind;
         slot.mem = Some(Arc::clone(view.snapshot()));
+        slot.tally = Some(tally);
         self.free.pop();
         Ok(())
     }
@@ -288,6 +295,7 @@ impl Uring {
                 head: slot.head,
                 status: slot.status,
                 outcome,
+                tally: slot.tally.take(),
             });
             slot.mem = None;
             free.push(index);
