@@ -11,6 +11,7 @@ packages=(
   xz-utils zstd        # in case guest kernel modules are compressed
   ca-certificates
   g++                  # libFuzzer (cargo fuzz, the fuzz step of run-tests.sh) is C++
+  python3-prometheus-client  # the control-socket test parses `stats --prometheus` with it
 )
 missing=()
 for p in "${packages[@]}"; do

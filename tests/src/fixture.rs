@@ -22,7 +22,12 @@ pub struct BlkFixture {
 impl BlkFixture {
     /// Creates a sparse image of `size` bytes and starts `vhost-user-blk` on it with `extra` args.
     pub fn start(size: u64, extra: &[&str]) -> Result<Self> {
-        let scratch = Scratch::new("blk")?;
+        Self::start_in(Scratch::new("blk")?, size, extra)
+    }
+
+    /// As [`start`](Self::start), in a scratch directory the caller made (so that `extra` can
+    /// name paths inside it).
+    pub fn start_in(scratch: Scratch, size: u64, extra: &[&str]) -> Result<Self> {
         let image = scratch.join("disk.img");
         File::create(&image)?.set_len(size)?;
         let socket = scratch.join("blk.sock");

@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod bench;
+pub mod control;
 pub mod daemon;
 pub mod fixture;
 pub mod frontend;

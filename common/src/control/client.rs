@@ -5,7 +5,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::protocol::{Reply, Request, VERSION};
+pub use super::protocol::{Reply, Request, VERSION};
 
 /// How long a reply may take (a resize waits for the frontend's acknowledgement, up to 5 s).
 const REPLY_TIMEOUT: Duration = Duration::from_secs(15);

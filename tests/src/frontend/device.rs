@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 
 use anyhow::{ensure, Context, Result};
 use vhost::vhost_user::message::{FrontendReq, VhostUserInflight, VhostUserProtocolFeatures};
@@ -42,6 +43,9 @@ pub struct Setup {
     pub queue_num_is_pairs: bool,
     /// Negotiate inflight I/O tracking when the backend offers it (QEMU's vhost-user-blk does).
     pub inflight: bool,
+    /// Negotiate BACKEND_REQ when offered and hand the backend a channel (SET_BACKEND_REQ_FD),
+    /// whose other end is [`Frontend::backend`].
+    pub backend_channel: bool,
 }
 
 impl Default for Setup {
@@ -56,6 +60,7 @@ impl Default for Setup {
             ram_layout: vec![(0, 64 << 20)],
             queue_num_is_pairs: false,
             inflight: true,
+            backend_channel: false,
         }
     }
 }
@@ -72,6 +77,8 @@ pub struct Frontend {
     pub setup: Setup,
     /// The inflight region (QEMU keeps it across backend restarts).
     inflight: Option<InflightShm>,
+    /// Our end of the backend channel ([`Setup::backend_channel`]).
+    pub backend: Option<UnixStream>,
 }
 
 /// The inflight region the backend handed out (GET_INFLIGHT_FD), as QEMU keeps it.
@@ -103,6 +110,7 @@ pub fn data_base(setup: &Setup) -> GuestAddress {
 
 /// What the handshake negotiated.
 struct Negotiated {
+    backend: Option<UnixStream>,
     offered: u64,
     protocol: VhostUserProtocolFeatures,
     use_slots: bool,
@@ -123,6 +131,9 @@ fn negotiate(conn: &mut Connection, setup: &Setup) -> Result<Negotiated> {
         | VhostUserProtocolFeatures::LOG_SHMFD;
     if setup.inflight {
         want |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+    }
+    if setup.backend_channel {
+        want |= VhostUserProtocolFeatures::BACKEND_REQ;
     }
     let protocol = VhostUserProtocolFeatures::from_bits_truncate(proto_offered & want.bits());
     conn.set_u64(FrontendReq::SET_PROTOCOL_FEATURES, protocol.bits())?;
@@ -147,7 +158,15 @@ fn negotiate(conn: &mut Connection, setup: &Setup) -> Result<Negotiated> {
         );
     }
     conn.send(FrontendReq::SET_OWNER, &[], &[])?;
+    let backend = if protocol.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
+        let (ours, theirs) = UnixStream::pair()?;
+        conn.send(FrontendReq::SET_BACKEND_REQ_FD, &[], &[theirs.as_fd()])?;
+        Some(ours)
+    } else {
+        None
+    };
     Ok(Negotiated {
+        backend,
         offered,
         protocol,
         use_slots,
@@ -189,6 +208,7 @@ impl Frontend {
             protocol: n.protocol,
             setup,
             inflight: None,
+            backend: n.backend,
         };
         if fe
             .protocol
@@ -205,6 +225,7 @@ impl Frontend {
     pub fn reconnect(&mut self, conn: Connection) -> Result<()> {
         self.conn = conn;
         let n = negotiate(&mut self.conn, &self.setup)?;
+        self.backend = n.backend;
         ensure!(
             n.offered == self.offered,
             "backend offers different features after a restart"
