@@ -89,6 +89,9 @@ pub struct BlkPoint {
     pub event_idx: bool,
     /// Busy-polling of the device's queue, microseconds (0: none).
     pub poll_us: u64,
+    /// The device counted its requests (vhost-user-blk's default; `--no-stats` otherwise).
+    #[serde(default = "counting_default")]
+    pub stats: bool,
     pub ops_per_sec: f64,
     pub mib_per_sec: f64,
     pub p50_us: f64,
@@ -103,6 +106,11 @@ pub struct BlkPoint {
     pub interrupts_per_op: f64,
 }
 
+/// Reports written before counting existed measured devices that did not count.
+fn counting_default() -> bool {
+    true
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct BlkCase {
     pub placement: BlkPlacement,
@@ -113,13 +121,15 @@ pub struct BlkCase {
     pub cpus: Cpus,
     pub event_idx: bool,
     pub poll_us: u64,
+    /// vhost-user-blk counts requests (false: `--no-stats`, to measure what counting costs).
+    pub stats: bool,
 }
 
 impl BlkCase {
     /// One line naming the point (what `--filter` matches).
     pub fn describe(&self) -> String {
         format!(
-            "{:?} {:?} {:?} qd{} {}B {:?} event_idx={} poll={}",
+            "{:?} {:?} {:?} qd{} {}B {:?} event_idx={} poll={} stats={}",
             self.placement,
             self.backend,
             self.engine,
@@ -127,7 +137,8 @@ impl BlkCase {
             self.block,
             self.cpus,
             self.event_idx,
-            self.poll_us
+            self.poll_us,
+            self.stats
         )
     }
 }
@@ -280,6 +291,7 @@ fn point(case: BlkCase, s: &Sample, cpu_dev: Duration) -> BlkPoint {
         cpus: case.cpus,
         event_idx: case.event_idx,
         poll_us: case.poll_us,
+        stats: case.stats,
         ops_per_sec: s.ops as f64 / secs,
         mib_per_sec: s.ops as f64 * f64::from(case.block) / secs / (1 << 20) as f64,
         p50_us: s.latency.percentile_us(50.0),
@@ -410,6 +422,9 @@ fn run_remote(
                 "--poll-us".to_owned(),
                 case.poll_us.to_string(),
             ];
+            if !case.stats {
+                args.push("--no-stats".to_owned());
+            }
             match case.engine {
                 Engine::Default => {}
                 Engine::Sync => args.extend(["--io-engine".to_owned(), "sync".to_owned()]),

@@ -173,6 +173,7 @@ fn blk_cases(quick: bool) -> Vec<BlkCase> {
         cpus,
         event_idx: true,
         poll_us: 0,
+        stats: true,
     };
     let contrib = blk::contrib_binary().is_some();
     if !contrib {
@@ -196,6 +197,12 @@ fn blk_cases(quick: bool) -> Vec<BlkCase> {
                     continue; // no second thread to place
                 }
                 v.push(case(p, Backend::Null, qd, cpus));
+                if p == OutOfProcess && qd == 32 && (!quick || cpus == Cpus::One) {
+                    v.push(BlkCase {
+                        stats: false,
+                        ..case(p, Backend::Null, qd, cpus)
+                    });
+                }
             }
         }
         for &qd in file_qds {
@@ -212,6 +219,13 @@ fn blk_cases(quick: bool) -> Vec<BlkCase> {
                     continue;
                 }
                 v.push(case(p, Backend::Tmpfs, qd, cpus));
+                if p == OutOfProcess && qd == 32 && !quick {
+                    // Right after the counting point: what counting costs, side by side.
+                    v.push(BlkCase {
+                        stats: false,
+                        ..case(p, Backend::Tmpfs, qd, cpus)
+                    });
+                }
             }
             if !quick {
                 v.push(BlkCase {

@@ -36,11 +36,38 @@ fn main_point(
             && x.event_idx
             && x.poll_us == 0
             && x.engine == Engine::Default
+            && x.stats
     })
 }
 
 fn is_main(p: &BlkPoint) -> bool {
-    p.block == 4096 && p.event_idx && p.poll_us == 0 && p.engine == Engine::Default
+    p.block == 4096 && p.event_idx && p.poll_us == 0 && p.engine == Engine::Default && p.stats
+}
+
+/// Counting on (the main grid) beside `--no-stats`, point by point.
+fn counting_cost(r: &Report, s: &mut String) {
+    let off: Vec<&BlkPoint> = r.blk.iter().filter(|p| !p.stats).collect();
+    if off.is_empty() {
+        return;
+    }
+    let _ = writeln!(s, "\n## Block, cost of the per-queue counters (stats on vs `--no-stats`)\n\nEach pair ran one after the other, 4 KiB random reads. A ratio below 1 is what counting costs.\n\n| backend | QD | CPUs | ops/s counting | ops/s not counting | ratio | device CPU µs/op counting / not |\n| --- | --- | --- | --- | --- | --- | --- |");
+    for p in off {
+        let Some(on) = main_point(r, p.placement, p.backend, p.depth, p.cpus) else {
+            continue;
+        };
+        let _ = writeln!(
+            s,
+            "| {:?} | {} | {} | {:.0} | {:.0} | {:.3} | {:.3} / {:.3} |",
+            p.backend,
+            p.depth,
+            p.cpus.label(),
+            on.ops_per_sec,
+            p.ops_per_sec,
+            on.ops_per_sec / p.ops_per_sec.max(1.0),
+            on.cpu_us_per_op_device,
+            p.cpu_us_per_op_device
+        );
+    }
 }
 
 fn depths(r: &Report, backend: Backend, cpus: Cpus) -> Vec<u32> {
@@ -245,7 +272,8 @@ pub fn markdown(r: &Report, s: &mut String) {
             }
         }
     }
-    let other: Vec<&BlkPoint> = r.blk.iter().filter(|p| !is_main(p)).collect();
+    counting_cost(r, s);
+    let other: Vec<&BlkPoint> = r.blk.iter().filter(|p| !is_main(p) && p.stats).collect();
     if !other.is_empty() {
         let _ = writeln!(s, "\n## Block, other points\n\n| placement | backend | engine | block | QD | CPUs | EVENT_IDX | busy-poll µs | ops/s | MiB/s | p50 µs | p99 µs | CPU µs/op driver + device |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
         for p in other {
