@@ -18,6 +18,7 @@ pub mod cli;
 pub mod control;
 pub mod device;
 pub mod dirty_log;
+pub mod engine_options;
 pub mod guest_access;
 pub mod inflight;
 pub mod iov;

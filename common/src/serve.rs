@@ -19,16 +19,7 @@ use crate::session::{Session, SessionEnd};
 use crate::signals::{Signals, Wait};
 use crate::socket_access::SocketAccess;
 
-/// How queues are run.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct EngineOptions {
-    /// Busy-poll a queue this long after its last work (zero: sleep at once).
-    pub poll: Duration,
-    /// When completions are published.
-    pub completions: crate::pipeline::Completions,
-    /// Test-only: accept dirty logging but mark nothing (migration tests' negative control).
-    pub break_dirty_log: bool,
-}
+pub use crate::engine_options::EngineOptions;
 
 /// Where frontends come from.
 #[derive(Debug)]

@@ -21,6 +21,7 @@ pub mod io;
 pub mod queue;
 pub mod request;
 pub mod resize;
+pub mod shared;
 pub mod stats;
 
 use std::sync::Arc;

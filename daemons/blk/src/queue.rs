@@ -9,12 +9,12 @@ use bulkhead_common::vring::{Desc, RingError};
 use bulkhead_common::{guest_warn, Progress, QueueCtx, QueueHandler};
 use vm_memory::GuestAddress;
 
-use crate::device::{Shared, SEG_MAX};
 use crate::disk::DiskKind;
 use crate::io::sync::{Outcome, SyncIo};
 use crate::io::uring::{Done, NotQueued, Uring};
 use crate::io::IoEngine;
 use crate::request::{self, Limits, Segment};
+use crate::shared::{Shared, SEG_MAX};
 use crate::stats::{BlkQueueStats, OpKind, Tally};
 
 /// Requests queued on io_uring before they are submitted mid-pass: one system call per few

@@ -1,0 +1,227 @@
+//! Queue lifecycle: the per-queue state the frontend sets up, and starting and stopping each
+//! queue's worker to match it (with inflight recovery after a restart).
+
+use super::*;
+
+/// Ring addresses in the frontend's address space, translated when the ring starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct VmmRingAddrs {
+    pub(super) desc: u64,
+    pub(super) avail: u64,
+    pub(super) used: u64,
+}
+
+/// Per-queue state kept by the session.
+#[derive(Debug)]
+pub(super) struct QueueSlot {
+    pub(super) size: u16,
+    pub(super) vmm_addrs: Option<VmmRingAddrs>,
+    pub(super) base: u16,
+    pub(super) kick: Option<EventFd>,
+    pub(super) call: Arc<Signal>,
+    pub(super) err: Arc<Signal>,
+    pub(super) enabled: bool,
+    pub(super) worker: Option<Worker>,
+    /// Where writes to the used ring are logged while migrating (shared with the worker).
+    pub(super) used_log: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl QueueSlot {
+    pub(super) fn new(size: u16) -> Self {
+        Self {
+            size,
+            vmm_addrs: None,
+            base: 0,
+            kick: None,
+            call: Arc::new(Signal::new()),
+            err: Arc::new(Signal::new()),
+            enabled: false,
+            worker: None,
+            used_log: Arc::new(std::sync::atomic::AtomicU64::new(
+                crate::worker::NO_USED_LOG,
+            )),
+        }
+    }
+}
+
+impl<D: Device> Session<D> {
+    pub(super) fn update_all_queues(&mut self) {
+        for i in 0..self.queues.len() {
+            if let Ok(i) = u16::try_from(i) {
+                self.update_queue(i);
+            }
+        }
+    }
+
+    /// Starts or stops queue `i` to match its configuration.
+    pub(super) fn update_queue(&mut self, i: u16) {
+        let protocol_acked =
+            self.acked_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0;
+        let Some(slot) = self.queues.get(usize::from(i)) else {
+            return;
+        };
+        // Without VHOST_USER_F_PROTOCOL_FEATURES a ring is enabled as soon as it starts.
+        // A running worker holds the kick eventfd.
+        let has_kick = slot.kick.is_some() || slot.worker.is_some();
+        let want = self.features_set
+            && has_kick
+            && slot.vmm_addrs.is_some()
+            && (slot.enabled || !protocol_acked);
+        match (want, slot.worker.is_some()) {
+            (true, false) => self.start_queue(i),
+            (false, true) => self.stop_queue(i),
+            _ => {}
+        }
+    }
+
+    pub(super) fn start_queue(&mut self, i: u16) {
+        let features = self.acked_features;
+        let mem = self.mem.memory();
+        let Some(slot) = self.queues.get_mut(usize::from(i)) else {
+            return;
+        };
+        let Some(addrs) = slot.vmm_addrs else { return };
+        let translate = |a: u64| self.memory.vmm_to_guest(a);
+        let (Some(desc), Some(avail), Some(used)) = (
+            translate(addrs.desc),
+            translate(addrs.avail),
+            translate(addrs.used),
+        ) else {
+            // Not an error yet: memory may arrive later (ADD_MEM_REG), which retries.
+            return;
+        };
+        let ring = SplitRing::new(
+            &mem,
+            slot.size,
+            RingAddrs { desc, avail, used },
+            slot.base,
+            features & VIRTIO_F_RING_EVENT_IDX != 0,
+            features & VIRTIO_F_RING_INDIRECT_DESC != 0,
+        );
+        let mut ring = match ring {
+            Ok(r) => r,
+            Err(e) => {
+                guest_warn!(queue = i, "cannot start ring: {e}");
+                slot.err.signal();
+                return;
+            }
+        };
+        let tracking = match self
+            .inflight
+            .as_ref()
+            .map(|r| recover(r, i, &mut ring, &self.state))
+            .transpose()
+        {
+            Ok(t) => t.unwrap_or_default(),
+            Err(e) => {
+                guest_warn!(queue = i, "cannot start ring: inflight region: {e}");
+                slot.err.signal();
+                return;
+            }
+        };
+        let handler = match self.device.queue_handler(i, features) {
+            Ok(h) => h,
+            Err(e) => {
+                guest_warn!(
+                    queue = i,
+                    "cannot start queue: {}",
+                    crate::logging::chain(&e)
+                );
+                slot.err.signal();
+                return;
+            }
+        };
+        let Some(kick) = slot.kick.take() else { return };
+        let (next_avail, used_idx) = (ring.next_avail(), ring.next_used());
+        let spec = WorkerSpec {
+            index: i,
+            handler,
+            ring,
+            kick,
+            call: Arc::clone(&slot.call),
+            err: Arc::clone(&slot.err),
+            mem: self.mem.clone(),
+            tracking,
+            poll: self.opts.poll,
+            pipeline: crate::pipeline::Pipeline::new(self.opts.completions),
+            view: None,
+            log: Arc::clone(&self.log),
+            used_log: Arc::clone(&slot.used_log),
+            progress: self.state.queue(i),
+        };
+        match Worker::spawn(spec) {
+            Ok(w) => {
+                tracing::debug!(
+                    queue = i,
+                    size = slot.size,
+                    base = slot.base,
+                    next_avail,
+                    used_idx,
+                    "queue started"
+                );
+                slot.worker = Some(w);
+            }
+            Err(e) => guest_warn!(queue = i, "cannot spawn worker: {e}"),
+        }
+    }
+
+    /// Stops queue `i` (if running) once its in-flight requests completed; keeps its kick fd so
+    /// re-enabling restarts it, and records where it stopped.
+    pub(super) fn stop_queue(&mut self, i: u16) {
+        let Some(slot) = self.queues.get_mut(usize::from(i)) else {
+            return;
+        };
+        let Some(worker) = slot.worker.take() else {
+            return;
+        };
+        match worker.stop() {
+            Some((ring, kick)) => {
+                slot.base = ring.next_avail();
+                slot.kick = Some(kick);
+                tracing::debug!(queue = i, base = slot.base, "queue stopped");
+            }
+            None => guest_warn!(queue = i, "queue worker panicked"),
+        }
+        self.device.queue_stopped(i);
+    }
+
+    pub(super) fn reset_queues(&mut self) {
+        let max = self.device.max_queue_size();
+        for i in 0..self.queues.len() {
+            if let Ok(i) = u16::try_from(i) {
+                self.stop_queue(i);
+            }
+        }
+        for q in &mut self.queues {
+            *q = QueueSlot::new(max);
+        }
+        self.acked_features = 0;
+        self.features_set = false;
+    }
+}
+
+/// Sets up inflight tracking for queue `index` and works out what a crash left owed: those
+/// chains are resubmitted first, and new ones are taken after them.
+pub(super) fn recover(
+    region: &Arc<InflightRegion>,
+    index: u16,
+    ring: &mut SplitRing,
+    state: &EngineState,
+) -> Result<Tracking, InflightError> {
+    let mut q = region.queue(index, ring.size())?;
+    let r = q.recover(ring.next_used())?;
+    if !r.resubmit.is_empty() {
+        state.add_resubmitted(r.resubmit.len() as u64);
+        tracing::info!(
+            queue = index,
+            owed = r.resubmit.len(),
+            "resubmitting requests in flight before the restart"
+        );
+    }
+    ring.set_next_avail(r.next_avail);
+    Ok(Tracking {
+        inflight: Some(q),
+        resubmit: r.resubmit.into(),
+        batch: Vec::new(),
+    })
+}
