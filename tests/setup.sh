@@ -12,6 +12,7 @@ packages=(
   ca-certificates
   g++                  # libFuzzer (cargo fuzz, the fuzz step of run-tests.sh) is C++
   python3-prometheus-client  # the control-socket test parses `stats --prometheus` with it
+  libvirt-daemon-system libvirt-clients  # the libvirt domain test (libvirtd started by the test)
 )
 missing=()
 for p in "${packages[@]}"; do

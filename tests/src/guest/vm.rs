@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::io::Write;
 use std::os::unix::process::CommandExt;
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -20,19 +20,30 @@ use super::qemu::QemuConfig;
 /// How much of the console goes into an error message (the full log: `console_log`).
 const LOG_TAIL: usize = 6000;
 
-/// A running guest. Dropping it kills QEMU (SIGKILL) and reaps it.
+/// Where console input goes: QEMU's stdin, or a console socket (a VM that libvirt started).
+struct ConsoleInput(Box<dyn Write + Send>);
+
+impl std::fmt::Debug for ConsoleInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConsoleInput")
+    }
+}
+
+/// A running guest. Dropping it kills QEMU (SIGKILL) and reaps it, if this process started it.
 #[derive(Debug)]
 pub struct Guest {
     child: Option<Child>,
     pid: u32,
     /// The console's input; `None` once closed.
-    stdin: Option<ChildStdin>,
+    stdin: Option<ConsoleInput>,
     console: Arc<Stream>,
     stderr: Arc<Stream>,
     readers: Vec<JoinHandle<()>>,
     command_line: String,
     next_id: u64,
     boot_time: Duration,
+    /// The console socket of an attached guest, shut down on drop so its reader ends.
+    socket: Option<std::os::unix::net::UnixStream>,
 }
 
 impl Guest {
@@ -66,13 +77,14 @@ impl Guest {
         let mut guest = Guest {
             child: Some(child),
             pid,
-            stdin: pipes.0,
+            stdin: pipes.0.map(|s| ConsoleInput(Box::new(s))),
             console,
             stderr,
             readers: Vec::new(),
             command_line,
             next_id: 0,
             boot_time: Duration::ZERO,
+            socket: None,
         };
         // From here on, dropping `guest` on an error kills QEMU.
         let (Some(out), Some(err)) = (pipes.1, pipes.2) else {
@@ -85,6 +97,42 @@ impl Guest {
         if cfg.incoming.is_none() {
             guest.wait_ready(cfg.boot_timeout)?;
         }
+        guest.boot_time = started.elapsed();
+        Ok(guest)
+    }
+
+    /// Talks to a guest that someone else started (libvirt) over its serial console socket
+    /// (`<serial type='unix'>`, QEMU listening), and waits until its shell answers. `pid` is
+    /// QEMU's, for the record; nothing here kills it.
+    pub fn attach(
+        console: std::os::unix::net::UnixStream,
+        pid: u32,
+        description: &str,
+        timeout: Duration,
+    ) -> Result<Guest> {
+        let started = Instant::now();
+        let input = console
+            .try_clone()
+            .context("cannot clone the console socket")?;
+        let mut guest = Guest {
+            child: None,
+            pid,
+            stdin: Some(ConsoleInput(Box::new(input))),
+            console: Arc::new(Stream::default()),
+            stderr: Arc::new(Stream::default()),
+            readers: Vec::new(),
+            command_line: description.to_owned(),
+            next_id: 0,
+            boot_time: Duration::ZERO,
+            socket: Some(
+                console
+                    .try_clone()
+                    .context("cannot clone the console socket")?,
+            ),
+        };
+        let reader = guest.console.spawn_reader("guest-console", console)?;
+        guest.readers.push(reader);
+        guest.wait_ready(timeout)?;
         guest.boot_time = started.elapsed();
         Ok(guest)
     }
@@ -210,7 +258,8 @@ impl Guest {
         }
         let status = match self.child.as_mut() {
             Some(child) => child.wait().context("cannot reap QEMU")?,
-            None => bail!("QEMU was already reaped"),
+            // Someone else's QEMU (attach): its console closing is all we can see.
+            None => return Ok(()),
         };
         self.child = None;
         if !status.success() {
@@ -220,7 +269,11 @@ impl Guest {
     }
 
     fn send(&mut self, text: &str) -> Result<()> {
-        let stdin = self.stdin.as_mut().context("the console input is closed")?;
+        let stdin = &mut self
+            .stdin
+            .as_mut()
+            .context("the console input is closed")?
+            .0;
         stdin
             .write_all(text.as_bytes())
             .and_then(|()| stdin.flush())
@@ -244,6 +297,9 @@ impl Guest {
 impl Drop for Guest {
     fn drop(&mut self) {
         self.stdin = None;
+        if let Some(s) = self.socket.take() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
         if let Some(mut child) = self.child.take() {
             // Errors mean it is already gone; nothing else to do in a destructor.
             let _ = child.kill();
