@@ -25,3 +25,8 @@ if ((${#missing[@]})); then
 fi
 # QEMU's contrib vhost-user-blk, the block benchmark's libvhost-user peer (built once, cached in target/).
 bash "$(dirname "$0")/peers/build-contrib-vhost-user-blk.sh"
+# libvirtd re-probes QEMU's capabilities on every lookup (about a minute per `virsh define`) when
+# /dev/kvm is not the kvm group's, as udev makes it on a Debian host; set it as udev would.
+if [ -c /dev/kvm ] && getent group kvm > /dev/null; then
+  chgrp kvm /dev/kvm && chmod 0660 /dev/kvm
+fi

@@ -246,6 +246,33 @@ fn status_mirrors_the_session_and_the_ring_indices() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn status_after_a_crash_counts_the_resumed_session() -> Result<()> {
+    let (mut fx, control) = blk_with_control(&[])?;
+    let mut d = fx.driver(Setup::default(), 8, 4096)?;
+    d.write(0, 0, &pattern(1, 4096))?;
+    fx.crash_and_restart()?;
+    let fresh = ctl_json(&control, &["status"])?;
+    assert_eq!(fresh["sessions"], 0, "a new process: {fresh}");
+    d.fe.reconnect(fx.connect()?)?;
+    d.write(0, 8, &pattern(2, 4096))?;
+    let s = ctl_json(&control, &["status"])?;
+    assert_eq!(s["sessions"], 1);
+    assert_eq!(
+        s["resumed_sessions"], 1,
+        "QEMU handed back the inflight region: {s}"
+    );
+    assert_eq!(s["frontend"]["inflight_tracking"], true);
+    let st = stats(&control)?;
+    let writes = sample(
+        &st,
+        "bulkhead_blk_requests_total",
+        &[("queue", "0"), ("type", "write")],
+    )?;
+    assert_eq!(writes, 1.0, "the restarted daemon counts from zero");
+    Ok(())
+}
+
 /// The frontend's side of CONFIG_CHANGE_MSG: read it, check it asks for an ack, ack it.
 fn ack_config_change(backend: &mut UnixStream) -> Result<()> {
     backend.set_read_timeout(Some(Duration::from_secs(10)))?;

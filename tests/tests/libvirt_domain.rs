@@ -27,9 +27,13 @@ const MIB: u64 = 1 << 20;
 const URI: &str = "qemu:///system";
 const GUEST_MAC: &str = "52:54:00:77:00:02";
 
+/// `virsh` may wait without end (libvirt 9.0's `start` with `<reconnect>` and a socket QEMU
+/// cannot open): every call is bounded.
+const VIRSH_TIMEOUT: &str = "120";
+
 fn virsh(args: &[&str]) -> Result<std::process::Output> {
-    Command::new("virsh")
-        .args(["-q", "-c", URI])
+    Command::new("timeout")
+        .args([VIRSH_TIMEOUT, "virsh", "-q", "-c", URI])
         .args(args)
         .output()
         .context("running virsh (is libvirt-clients installed? tests/setup.sh installs it)")

@@ -3,7 +3,6 @@
 
 use std::io;
 use std::sync::Arc;
-use std::time::Instant;
 
 use bulkhead_common::vring::{Desc, RingError};
 use bulkhead_common::{guest_warn, Progress, QueueCtx, QueueHandler};
@@ -15,7 +14,7 @@ use crate::io::uring::{Done, NotQueued, Uring};
 use crate::io::IoEngine;
 use crate::request::{self, Limits, Segment};
 use crate::shared::{Shared, SEG_MAX};
-use crate::stats::{BlkQueueStats, OpKind, Tally};
+use crate::stats::{BlkQueueStats, Clock, OpKind, Tally};
 
 /// Requests queued on io_uring before they are submitted mid-pass: one system call per few
 /// requests, and the first ones already running while later ones are parsed.
@@ -27,7 +26,7 @@ pub struct BlkQueue {
     /// This queue's counters (none with `--no-stats`).
     stats: Option<Arc<BlkQueueStats>>,
     /// The clock as last read (see `crate::stats` for when).
-    now: Instant,
+    clock: Clock,
     uring: Option<Uring>,
     descs: Vec<Desc>,
     data: Vec<Segment>,
@@ -53,7 +52,7 @@ impl BlkQueue {
         Ok(Self {
             shared,
             stats,
-            now: Instant::now(),
+            clock: Clock::new(),
             uring,
             descs: Vec::new(),
             data: Vec::new(),
@@ -81,11 +80,11 @@ impl BlkQueue {
                     request::ParseError::Unsupported(_) => OpKind::Unsupported,
                     _ => OpKind::Invalid,
                 };
-                self.count(&Tally::refused(kind, self.now), e.status());
+                self.count(&Tally::refused(kind, self.clock.now), e.status());
                 return finish(ctx, head, status, e.status(), 0);
             }
         };
-        let tally = Tally::of(&req.op, self.now);
+        let tally = Tally::of(&req.op, self.clock.now);
         let sync = sync_io(&self.shared);
         if let Some(uring) = self.uring.as_mut() {
             match uring.queue(&sync, ctx.mem(), head, &req, &self.data, tally) {
@@ -100,7 +99,7 @@ impl BlkQueue {
         let outcome = sync.execute(ctx.mem(), &req, &self.data, &mut self.iovs);
         if self.stats.is_some() && sync.disk.kind() != DiskKind::Null {
             // A file request took a system call: one more clock read is noise beside it.
-            self.now = Instant::now();
+            self.clock.read();
         }
         self.count(&tally, Some(status_of(outcome)));
         finish_outcome(ctx, head, req.status, outcome)
@@ -109,7 +108,7 @@ impl BlkQueue {
     #[inline]
     fn count(&self, tally: &Tally, status: Option<u8>) {
         if let Some(s) = &self.stats {
-            s.completed(tally, status, self.now);
+            s.completed(tally, status, self.clock.now);
         }
     }
 
@@ -123,7 +122,7 @@ impl BlkQueue {
             return Ok(());
         }
         if self.stats.is_some() {
-            self.now = Instant::now();
+            self.clock.read();
         }
         let mut done = std::mem::take(&mut self.done);
         for d in done.drain(..) {
@@ -206,7 +205,7 @@ impl QueueHandler for BlkQueue {
     fn process(&mut self, ctx: &mut QueueCtx<'_>) -> Result<Progress, RingError> {
         if self.stats.is_some() {
             // Requests taken in this pass count their latency from here.
-            self.now = Instant::now();
+            self.clock.read();
         }
         self.reap(ctx)?;
         let mut progress = Progress::Idle;
@@ -222,7 +221,7 @@ impl QueueHandler for BlkQueue {
             let Some(chain) = popped? else { break };
             if let Some(e) = chain.error {
                 guest_warn!(head = chain.head, "malformed chain: {e}");
-                self.count(&Tally::refused(OpKind::Invalid, self.now), None);
+                self.count(&Tally::refused(OpKind::Invalid, self.clock.now), None);
                 ctx.complete(chain.head, 0)?;
                 continue;
             }

@@ -6,8 +6,6 @@
 //! moment its completion was seen, with one clock read per pass, per io_uring reap and per
 //! synchronous file request (never per null request), so counting stays off the critical path.
 
-use std::time::Instant;
-
 use bulkhead_common::control::counters::{Counter, LatencyHistogram};
 use bulkhead_common::control::metrics::{Family, Kind, Metrics};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
@@ -64,11 +62,41 @@ pub struct Tally {
     pub op: OpKind,
     /// Disk bytes it moves (reads and writes; 0 otherwise).
     pub bytes: u64,
-    pub started: Instant,
+    /// When it was taken, in nanoseconds of the queue's [`Clock`].
+    pub started: u64,
+}
+
+/// A queue's clock: nanoseconds since the queue started, read only where `crate::stats` says
+/// (integers, so that a latency is a subtraction).
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    epoch: std::time::Instant,
+    /// The time as last read.
+    pub now: u64,
+}
+
+impl Clock {
+    pub fn new() -> Self {
+        Self {
+            epoch: std::time::Instant::now(),
+            now: 0,
+        }
+    }
+
+    #[inline]
+    pub fn read(&mut self) {
+        self.now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Tally {
-    pub fn of(op: &Op, started: Instant) -> Self {
+    pub fn of(op: &Op, started: u64) -> Self {
         let (op, bytes) = match op {
             Op::Read { len, .. } => (OpKind::Read, *len),
             Op::Write { len, .. } => (OpKind::Write, *len),
@@ -80,7 +108,7 @@ impl Tally {
         Self { op, bytes, started }
     }
 
-    pub fn refused(op: OpKind, started: Instant) -> Self {
+    pub fn refused(op: OpKind, started: u64) -> Self {
         Self {
             op,
             bytes: 0,
@@ -110,7 +138,7 @@ pub struct BlkQueueStats {
 impl BlkQueueStats {
     /// Counts a completed request that ended with `status` (`None`: none could be written).
     #[inline]
-    pub fn completed(&self, t: &Tally, status: Option<u8>, now: Instant) {
+    pub fn completed(&self, t: &Tally, status: Option<u8>, now: u64) {
         if let Some(c) = self.requests.get(t.op.index()) {
             c.inc();
         }
@@ -125,9 +153,7 @@ impl BlkQueueStats {
                 c.inc();
             }
         }
-        let nanos = now.saturating_duration_since(t.started).as_nanos();
-        self.latency
-            .record(u64::try_from(nanos).unwrap_or(u64::MAX));
+        self.latency.record(now.saturating_sub(t.started));
     }
 
     fn total(&self) -> u64 {
@@ -199,7 +225,7 @@ mod tests {
     #[test]
     fn successful_reads_count_bytes_and_failures_count_by_status() {
         let s = BlkQueueStats::default();
-        let t0 = Instant::now();
+        let t0 = 1_000;
         let read = Tally::of(
             &Op::Read {
                 offset: 0,

@@ -242,8 +242,9 @@ fn in_process_device(case: &BlkCase, image: &std::path::Path) -> Result<(BlkDevi
             queue_size: QUEUE_SIZE,
             engine,
             serial: [0; 20],
-            // As the daemon runs by default: counting is part of the device logic compared.
-            stats: true,
+            // As the daemon runs by default: counting is part of the device logic compared
+            // (off only in the points that measure what it costs).
+            stats: case.stats,
         },
     );
     let s = setup(case.event_idx);

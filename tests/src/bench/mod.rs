@@ -197,7 +197,13 @@ fn blk_cases(quick: bool) -> Vec<BlkCase> {
                     continue; // no second thread to place
                 }
                 v.push(case(p, Backend::Null, qd, cpus));
-                if p == OutOfProcess && qd == 32 && (!quick || cpus == Cpus::One) {
+                let counting_pair = match p {
+                    OutOfProcess => !quick || cpus == Cpus::One,
+                    // One thread, no wake-ups: the steadiest view of the counters' CPU cost.
+                    InProcessDirect => true,
+                    _ => false,
+                };
+                if qd == 32 && counting_pair {
                     v.push(BlkCase {
                         stats: false,
                         ..case(p, Backend::Null, qd, cpus)

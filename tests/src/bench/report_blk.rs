@@ -50,14 +50,15 @@ fn counting_cost(r: &Report, s: &mut String) {
     if off.is_empty() {
         return;
     }
-    let _ = writeln!(s, "\n## Block, cost of the per-queue counters (stats on vs `--no-stats`)\n\nEach pair ran one after the other, 4 KiB random reads. A ratio below 1 is what counting costs.\n\n| backend | QD | CPUs | ops/s counting | ops/s not counting | ratio | device CPU µs/op counting / not |\n| --- | --- | --- | --- | --- | --- | --- |");
+    let _ = writeln!(s, "\n## Block, cost of the per-queue counters (stats on vs `--no-stats`)\n\nEach pair ran one after the other, 4 KiB random reads. A ratio below 1 is what counting costs.\n\n| placement | backend | QD | CPUs | ops/s counting | ops/s not counting | ratio | device CPU µs/op counting / not |\n| --- | --- | --- | --- | --- | --- | --- | --- |");
     for p in off {
         let Some(on) = main_point(r, p.placement, p.backend, p.depth, p.cpus) else {
             continue;
         };
         let _ = writeln!(
             s,
-            "| {:?} | {} | {} | {:.0} | {:.0} | {:.3} | {:.3} / {:.3} |",
+            "| {} | {:?} | {} | {} | {:.0} | {:.0} | {:.3} | {:.3} / {:.3} |",
+            p.placement.label(),
             p.backend,
             p.depth,
             p.cpus.label(),
