@@ -16,4 +16,4 @@ mod server;
 pub mod state;
 
 pub use commands::Engine;
-pub use server::{ControlListener, ControlServer};
+pub use server::{ControlListener, ControlServer, Handler};

@@ -48,13 +48,19 @@ impl Device for Echo {
     }
     fn read_config(&self, offset: u32, out: &mut [u8]) -> Result<(), DeviceError> {
         if offset as usize + out.len() > 64 {
-            return Err(DeviceError::ConfigRange { offset, len: out.len() });
+            return Err(DeviceError::ConfigRange {
+                offset,
+                len: out.len(),
+            });
         }
         out.fill(7);
         Ok(())
     }
     fn queue_handler(&self, _index: u16, _features: u64) -> Result<EchoQueue, DeviceError> {
         Ok(EchoQueue)
+    }
+    fn kind(&self) -> &'static str {
+        "echo"
     }
 }
 
@@ -69,5 +75,6 @@ fuzz_target!(|data: &[u8]| {
     // The whole input, then end of stream: the session must return, whatever it was sent.
     let _ = ours.write_all(data);
     let _ = ours.shutdown(std::net::Shutdown::Write);
-    Session::new(Arc::new(Echo), theirs, EngineOptions::default()).run(signals);
+    let state = Arc::new(bulkhead_common::control::state::EngineState::new(2));
+    Session::new(Arc::new(Echo), theirs, EngineOptions::default(), state).run(signals);
 });
