@@ -6,7 +6,10 @@
 //! the first daemon, idle, and pings again.
 //!
 //! Ignored for now: in most runs the destination guest crashes right after the switch (see the
-//! attribute). `BULKHEAD_MIGRATION_PEER=qemu-tap` runs the same test on QEMU's own virtio-net.
+//! attribute). `BULKHEAD_MIGRATION_PEER=qemu-tap` runs the same test on QEMU's own virtio-net,
+//! `BULKHEAD_MIGRATION_PEER=dpdk` on DPDK's vhost-user backend (`dpdk-testpmd` forwarding
+//! between its vhost port and the TAP; Debian's dpdk-dev, niced so that its busy-polling leaves
+//! the CPUs to the guests).
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -73,8 +76,13 @@ impl Side {
             } else {
                 None
             };
+        let daemon = if std::env::var_os("BULKHEAD_MIGRATION_PEER").is_some_and(|v| v == "dpdk") {
+            spawn_testpmd(scratch, ns, name, &socket)?
+        } else {
+            spawn_in_netns("vhost-user-net", &args, scratch, ns)?
+        };
         Ok(Self {
-            daemon: spawn_in_netns("vhost-user-net", &args, scratch, ns)?,
+            daemon,
             socket,
             qmp: scratch.join(&format!("{name}.qmp")),
             builtin,
@@ -99,6 +107,70 @@ impl Side {
         cfg.incoming = incoming;
         cfg
     }
+}
+
+/// DPDK 22.11's testpmd as the vhost-user-net backend: its vhost port (listening on `socket`,
+/// two queue pairs) forwarded to and from a TAP of its own. DPDK's TAP driver cannot detach its
+/// queues from a shared TAP (ours does, TUNSETQUEUE), so each side gets its own TAP, both in a
+/// bridge named `tap0` that carries the host address: the rest of the test is unchanged.
+fn spawn_testpmd(
+    scratch: &Scratch,
+    ns: &NetNs,
+    name: &str,
+    socket: &std::path::Path,
+) -> Result<Daemon> {
+    let tap = format!("dtap-{name}");
+    if ns.ip(&["link", "show", "tap0"]).is_err() {
+        ns.ip(&["link", "add", "tap0", "type", "bridge"])?;
+    }
+    let args: Vec<String> = [
+        "netns",
+        "exec",
+        &ns.name,
+        "nice",
+        "-n",
+        "19",
+        "dpdk-testpmd",
+        "-l",
+        "0,1",
+        "--no-pci",
+        "--no-huge",
+        "-m",
+        "1024",
+        "--file-prefix",
+        &format!("bh-{name}-{}", std::process::id()),
+        "--vdev",
+        &format!("net_vhost0,iface={},queues=2", socket.display()),
+        "--vdev",
+        &format!("net_tap0,iface={tap}"),
+        "--",
+        "--rxq=2",
+        "--txq=2",
+        "--nb-cores=1",
+        "--forward-mode=io",
+        "--auto-start",
+        "--stats-period=5",
+        // The default pool (155K mbufs) does not fit in --no-huge memory.
+        "--total-num-mbufs=16384",
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut d = Daemon::spawn_program(
+        std::path::Path::new("/usr/sbin/ip"),
+        &args,
+        "dpdk-testpmd",
+        scratch,
+        |_| {},
+    )?;
+    bulkhead_tests::daemon::eventually(Duration::from_secs(30), "testpmd's vhost socket", || {
+        Ok(socket.exists())
+    })?;
+    if let Some(status) = d.try_wait()? {
+        anyhow::bail!("testpmd exited: {status}\n{}", d.log());
+    }
+    ns.ip(&["link", "set", &tap, "master", "tap0"])?;
+    ns.ip(&["link", "set", &tap, "up"])?;
+    Ok(d)
 }
 
 fn migrate_between(
