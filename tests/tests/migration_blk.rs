@@ -87,6 +87,9 @@ fn numbered(i: u64) -> Vec<u8> {
 
 enum Backend {
     Plain(Daemon),
+    /// For comparison (`BULKHEAD_MIGRATION_PEER=qemu-file`): no backend process, QEMU's own
+    /// virtio-blk on the image (the same migration without vhost-user at all).
+    Builtin(PathBuf),
     /// Restartable (SIGKILL and start again; QEMU reconnects).
     Supervised(Supervised),
 }
@@ -104,7 +107,10 @@ impl Side {
         let socket = scratch.join(&format!("{name}.sock"));
         let qmp = scratch.join(&format!("{name}.qmp"));
         // For comparison: the same migration on qemu-storage-daemon.
-        let backend = if std::env::var_os("BULKHEAD_MIGRATION_PEER").is_some_and(|v| v == "qsd") {
+        let peer = std::env::var_os("BULKHEAD_MIGRATION_PEER");
+        let backend = if peer.as_ref().is_some_and(|v| v == "qemu-file") {
+            Backend::Builtin(image.to_owned())
+        } else if peer.is_some_and(|v| v == "qsd") {
             Backend::Plain(bulkhead_tests::bench::blk::spawn_qsd(
                 scratch,
                 &socket,
@@ -147,13 +153,27 @@ impl Side {
         match &self.backend {
             Backend::Plain(d) => d.log(),
             Backend::Supervised(s) => s.daemon.log(),
+            Backend::Builtin(_) => String::new(),
         }
     }
 
     fn config(&self, incoming: Option<String>) -> QemuConfig {
         let mut cfg = QemuConfig::default();
         make_migratable(&mut cfg);
-        cfg.vhost_user_blk("disk0", &self.socket, self.chardev_opts, "");
+        match &self.backend {
+            Backend::Builtin(image) => cfg.extra_args.extend([
+                "-drive".to_owned(),
+                format!(
+                    "file={},if=none,id=disk0,format=raw,cache=writeback",
+                    image.display()
+                ),
+                "-device".to_owned(),
+                "virtio-blk-pci,drive=disk0,id=disk0-dev".to_owned(),
+            ]),
+            _ => {
+                cfg.vhost_user_blk("disk0", &self.socket, self.chardev_opts, "");
+            }
+        }
         cfg.qmp = Some(self.qmp.clone());
         cfg.incoming = incoming;
         cfg
