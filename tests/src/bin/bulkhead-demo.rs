@@ -1,5 +1,6 @@
 //! The demo: starts Bulkhead's daemons as separate processes, boots a QEMU guest attached to them
-//! over vhost-user, and shows the guest using them (a filesystem on the vhost-user-blk disk).
+//! over vhost-user, and shows the guest using them (a filesystem on the vhost-user-blk disk), then
+//! grows the disk while the guest runs and prints what the block daemon counted.
 //! Run through `tests/demo.sh`, which installs what is needed and builds the daemons first.
 
 use std::time::Duration;
@@ -22,7 +23,19 @@ fn step(g: &mut Guest, what: &str, cmd: &str) -> Result<()> {
 fn main() -> Result<()> {
     println!("Preparing the guest kernel and initramfs (cached after the first run)...");
     let kit = GuestKit::ensure()?;
-    let blk = BlkFixture::start(256 << 20, &["--serial", "bulkhead-demo"])?;
+    let scratch = bulkhead_tests::daemon::Scratch::new("demo")?;
+    let blk_ctl = scratch.join("blk.ctl");
+    let blk_ctl_arg = blk_ctl.display().to_string();
+    let blk = BlkFixture::start_in(
+        scratch,
+        256 << 20,
+        &[
+            "--serial",
+            "bulkhead-demo",
+            "--control-socket",
+            &blk_ctl_arg,
+        ],
+    )?;
     println!(
         "vhost-user-blk running as its own process (pid {}), serving {} on {}",
         blk.daemon.pid(),
@@ -96,6 +109,23 @@ fn main() -> Result<()> {
         "Discard free space (fstrim-like: delete and discard)",
         "rm /mnt/data && umount /mnt && blkdiscard /dev/vda && echo discarded",
     )?;
+    let grow = blk_ctl.display().to_string();
+    println!("\n== Grow the disk while the guest runs\n$ bulkhead-ctl --socket {grow} resize --size 536870912");
+    let r = bulkhead_tests::control::ctl_json(&blk_ctl, &["resize", "--size", "536870912"])?;
+    println!("{r}");
+    step(
+        &mut g,
+        "The guest sees the new size (sectors)",
+        "while [ \"$(cat /sys/block/vda/size)\" != 1048576 ]; do sleep 0.1; done; cat /sys/block/vda/size",
+    )?;
+    println!("\n== What the block daemon counted\n$ bulkhead-ctl --socket {grow} stats --prometheus | grep requests_total");
+    let out = bulkhead_tests::control::ctl(&blk_ctl, &["stats", "--prometheus"])?;
+    for line in String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("bulkhead_blk_requests_total") && !l.ends_with(" 0"))
+    {
+        println!("{line}");
+    }
     g.poweroff(T)?;
     println!("\nGuest powered off; both daemons keep serving for the next VM.");
     Ok(())
