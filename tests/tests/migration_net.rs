@@ -276,3 +276,37 @@ fn a_tcp_transfer_spanning_a_migration_completes_and_the_guest_pings_after_there
     );
     Ok(())
 }
+
+/// No transfer across the switch: an idle guest pings before, migrates to the second daemon,
+/// pings (the destination daemon took over the TAP queue pair), and migrates back.
+#[test]
+#[ignore = "QEMU 7.2 TCG migration corrupts the destination guest now and then, whatever the \
+            backend (see README, Live migration); run with --ignored"]
+fn an_idle_guest_migrates_there_and_back_and_pings_on_each_side() -> Result<()> {
+    let kit = GuestKit::ensure()?;
+    let scratch = Scratch::new("netmig-idle")?;
+    let ns = NetNs::create("netmigi")?;
+    let a = Side::new(&scratch, &ns, "a")?;
+    ns.ip(&["addr", "add", "10.0.0.1/24", "dev", "tap0"])?;
+    ns.ip(&["link", "set", "tap0", "up"])?;
+    let b = Side::new(&scratch, &ns, "b")?;
+    let mut src = Guest::boot(&kit, &a.config(None))?;
+    src.run_ok("ip addr add 10.0.0.2/24 dev eth0 && ip link set eth0 up", T)?;
+    src.run_ok("ping -c 2 -W 5 10.0.0.1", T)
+        .with_context(|| a.daemon.log())?;
+    let (mut dest, there) = migrate_between(&kit, &scratch, &a, &b, "ab")?;
+    drop(src);
+    let ping = dest.run("ping -c 2 -W 5 10.0.0.1", T)?;
+    ensure!(
+        ping.status == 0,
+        "no ping on B: {}\nconsole:\n{}",
+        ping.stdout,
+        dest.console_log()
+    );
+    let (mut back, idle) = migrate_between(&kit, &scratch, &b, &a, "ba")?;
+    drop(dest);
+    let ping = back.run("ping -c 2 -W 5 10.0.0.1", T)?;
+    ensure!(ping.status == 0, "no ping back on A: {}", ping.stdout);
+    eprintln!("idle net migration: there {there:?}, back {idle:?}");
+    Ok(())
+}
