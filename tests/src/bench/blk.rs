@@ -92,6 +92,12 @@ pub struct BlkPoint {
     /// The device counted its requests (vhost-user-blk's default; `--no-stats` otherwise).
     #[serde(default = "counting_default")]
     pub stats: bool,
+    /// Migration's dirty logging was on (LOG_ALL, a shared log, used rings logged).
+    #[serde(default)]
+    pub dirty_log: bool,
+    /// With `dirty_log`: distinct guest pages the log held at the end of the point.
+    #[serde(default)]
+    pub pages_logged: u64,
     pub ops_per_sec: f64,
     pub mib_per_sec: f64,
     pub p50_us: f64,
@@ -123,13 +129,15 @@ pub struct BlkCase {
     pub poll_us: u64,
     /// vhost-user-blk counts requests (false: `--no-stats`, to measure what counting costs).
     pub stats: bool,
+    /// The frontend turns on migration's dirty logging before the point (out of process only).
+    pub dirty_log: bool,
 }
 
 impl BlkCase {
     /// One line naming the point (what `--filter` matches).
     pub fn describe(&self) -> String {
         format!(
-            "{:?} {:?} {:?} qd{} {}B {:?} event_idx={} poll={} stats={}",
+            "{:?} {:?} {:?} qd{} {}B {:?} event_idx={} poll={} stats={} log={}",
             self.placement,
             self.backend,
             self.engine,
@@ -138,7 +146,8 @@ impl BlkCase {
             self.cpus,
             self.event_idx,
             self.poll_us,
-            self.stats
+            self.stats,
+            self.dirty_log
         )
     }
 }
@@ -293,6 +302,8 @@ fn point(case: BlkCase, s: &Sample, cpu_dev: Duration) -> BlkPoint {
         event_idx: case.event_idx,
         poll_us: case.poll_us,
         stats: case.stats,
+        dirty_log: case.dirty_log,
+        pages_logged: 0,
         ops_per_sec: s.ops as f64 / secs,
         mib_per_sec: s.ops as f64 * f64::from(case.block) / secs / (1 << 20) as f64,
         p50_us: s.latency.percentile_us(50.0),
@@ -441,13 +452,19 @@ fn run_remote(
             Daemon::start("vhost-user-blk", &args, &scratch)?
         }
     };
-    let fe = Frontend::start(
+    let mut fe = Frontend::start(
         Connection::connect(&socket)?,
         Setup {
             inflight: false,
             ..setup(case.event_idx)
         },
     )?;
+    // As QEMU does while migrating: the log stays shared for the whole point.
+    let log = if case.dirty_log {
+        Some(fe.start_dirty_log()?)
+    } else {
+        None
+    };
     let mut d = lean(fe, &case)?;
     // Workers exist once the queue started: place the whole device process.
     case.cpus.place_device_process(daemon.pid())?;
@@ -455,7 +472,9 @@ fn run_remote(
     let d0 = process_cpu(daemon.pid())?;
     let s = d.run(duration, Completions::Interrupt)?;
     let cd = process_cpu(daemon.pid())?.saturating_sub(d0);
-    Ok(point(case, &s, cd))
+    let mut p = point(case, &s, cd);
+    p.pages_logged = log.map_or(0, |l| l.dirty_pages().len() as u64);
+    Ok(p)
 }
 
 /// QEMU's contrib vhost-user-blk on the image (it has no null device: a null case runs it on

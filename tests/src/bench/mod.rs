@@ -174,6 +174,7 @@ fn blk_cases(quick: bool) -> Vec<BlkCase> {
         event_idx: true,
         poll_us: 0,
         stats: true,
+        dirty_log: false,
     };
     let contrib = blk::contrib_binary().is_some();
     if !contrib {
@@ -209,6 +210,12 @@ fn blk_cases(quick: bool) -> Vec<BlkCase> {
                         ..case(p, Backend::Null, qd, cpus)
                     });
                 }
+                if qd == 32 && p == OutOfProcess && (!quick || cpus == Cpus::One) {
+                    v.push(BlkCase {
+                        dirty_log: true,
+                        ..case(p, Backend::Null, qd, cpus)
+                    });
+                }
             }
         }
         for &qd in file_qds {
@@ -226,9 +233,14 @@ fn blk_cases(quick: bool) -> Vec<BlkCase> {
                 }
                 v.push(case(p, Backend::Tmpfs, qd, cpus));
                 if p == OutOfProcess && qd == 32 && !quick {
-                    // Right after the counting point: what counting costs, side by side.
+                    // Right after the main point: what counting costs, and what migration's
+                    // dirty logging costs, side by side.
                     v.push(BlkCase {
                         stats: false,
+                        ..case(p, Backend::Tmpfs, qd, cpus)
+                    });
+                    v.push(BlkCase {
+                        dirty_log: true,
                         ..case(p, Backend::Tmpfs, qd, cpus)
                     });
                 }

@@ -37,11 +37,45 @@ fn main_point(
             && x.poll_us == 0
             && x.engine == Engine::Default
             && x.stats
+            && !x.dirty_log
     })
 }
 
 fn is_main(p: &BlkPoint) -> bool {
-    p.block == 4096 && p.event_idx && p.poll_us == 0 && p.engine == Engine::Default && p.stats
+    p.block == 4096
+        && p.event_idx
+        && p.poll_us == 0
+        && p.engine == Engine::Default
+        && p.stats
+        && !p.dirty_log
+}
+
+/// Migration's dirty logging on beside the main grid (logging off), point by point.
+fn logging_cost(r: &Report, s: &mut String) {
+    let on: Vec<&BlkPoint> = r.blk.iter().filter(|p| p.dirty_log).collect();
+    if on.is_empty() {
+        return;
+    }
+    let _ = writeln!(s, "\n## Block, cost of migration's dirty logging (LOG_ALL on vs off)\n\nThe logging point ran right after the main one: a shared log, LOG_ALL, used rings logged, as QEMU sets up a migration. 4 KiB random reads over 1 GiB.\n\n| placement | backend | QD | CPUs | ops/s not logging | ops/s logging | ratio | device CPU µs/op not / logging | pages in the log at the end |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    for p in on {
+        let Some(off) = main_point(r, p.placement, p.backend, p.depth, p.cpus) else {
+            continue;
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {:?} | {} | {} | {:.0} | {:.0} | {:.3} | {:.3} / {:.3} | {} |",
+            p.placement.label(),
+            p.backend,
+            p.depth,
+            p.cpus.label(),
+            off.ops_per_sec,
+            p.ops_per_sec,
+            p.ops_per_sec / off.ops_per_sec.max(1.0),
+            off.cpu_us_per_op_device,
+            p.cpu_us_per_op_device,
+            p.pages_logged
+        );
+    }
 }
 
 /// Counting on (the main grid) beside `--no-stats`, point by point.
@@ -274,7 +308,12 @@ pub fn markdown(r: &Report, s: &mut String) {
         }
     }
     counting_cost(r, s);
-    let other: Vec<&BlkPoint> = r.blk.iter().filter(|p| !is_main(p) && p.stats).collect();
+    logging_cost(r, s);
+    let other: Vec<&BlkPoint> = r
+        .blk
+        .iter()
+        .filter(|p| !is_main(p) && p.stats && !p.dirty_log)
+        .collect();
     if !other.is_empty() {
         let _ = writeln!(s, "\n## Block, other points\n\n| placement | backend | engine | block | QD | CPUs | EVENT_IDX | busy-poll µs | ops/s | MiB/s | p50 µs | p99 µs | CPU µs/op driver + device |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
         for p in other {
