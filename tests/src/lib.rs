@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod fixture;
 pub mod frontend;
 pub mod guest;
+pub mod guest_disk;
 pub mod guest_upload;
 pub mod hostile;
 pub mod load;

@@ -8,17 +8,10 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use bulkhead_tests::fixture::{pattern, BlkFixture};
 use bulkhead_tests::guest::{Guest, GuestKit, QemuConfig};
-use sha2::{Digest, Sha256};
+use bulkhead_tests::guest_disk::sha256_hex;
 
 const T: Duration = Duration::from_secs(60);
 const MIB: u64 = 1 << 20;
-
-fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
 
 fn boot_on(fx: &BlkFixture, kit: &GuestKit) -> Result<Guest> {
     let mut cfg = QemuConfig::default();

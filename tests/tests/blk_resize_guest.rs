@@ -7,22 +7,15 @@
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use bulkhead_tests::control::ctl_json;
 use bulkhead_tests::daemon::Scratch;
 use bulkhead_tests::fixture::{pattern, BlkFixture};
 use bulkhead_tests::guest::{Guest, GuestKit, QemuConfig};
-use sha2::{Digest, Sha256};
+use bulkhead_tests::guest_disk::{guest_reads, guest_writes};
 
 const T: Duration = Duration::from_secs(60);
 const MIB: u64 = 1 << 20;
-
-fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
 
 /// Polls the guest's idea of the disk size until it is `sectors`.
 fn wait_for_size(g: &mut Guest, sectors: u64) -> Result<()> {
@@ -66,32 +59,13 @@ fn a_running_guest_sees_the_disk_grow_and_reads_the_new_area() -> Result<()> {
         fx.daemon.log()
     );
     wait_for_size(&mut g, 48 * MIB / 512)?;
-    let got = g.run_ok(
-        "dd if=/dev/vda bs=65536 skip=640 count=16 iflag=direct 2>/dev/null | sha256sum",
-        T,
-    )?;
-    ensure!(
-        got.starts_with(&sha256_hex(&host_data)),
-        "the guest read {got} beyond the old end\nconsole:\n{}",
-        g.console_log()
-    );
+    guest_reads(&mut g, 40, &host_data, T).context("beyond the old end")?;
 
     // 2. The daemon grows the image itself; the guest writes into the newest megabyte.
     let r = ctl_json(&control, &["resize", "--size", &(64 * MIB).to_string()])?;
     ensure!(r["guest_notified"] == true, "resize: {r}");
     wait_for_size(&mut g, 64 * MIB / 512)?;
-    let written = g.run_ok(
-        "dd if=/dev/urandom of=/tmp/p bs=65536 count=16 2>/dev/null && \
-         dd if=/tmp/p of=/dev/vda bs=65536 seek=1008 oflag=direct conv=fsync 2>/dev/null && \
-         sha256sum /tmp/p",
-        T,
-    )?;
-    let mut on_disk = vec![0u8; MIB as usize];
-    std::fs::File::open(&fx.image)?.read_exact_at(&mut on_disk, 63 * MIB)?;
-    ensure!(
-        written.starts_with(&sha256_hex(&on_disk)),
-        "the image's last megabyte is not what the guest wrote"
-    );
+    guest_writes(&mut g, &fx.image, 63, T).context("the newest megabyte")?;
     // The guest kernel logged the change (virtio_blk's "new size" message).
     ensure!(
         g.console_log().contains("new size") || g.run_ok("dmesg", T)?.contains("new size"),

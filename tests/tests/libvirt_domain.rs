@@ -20,7 +20,7 @@ use anyhow::{bail, ensure, Context, Result};
 use bulkhead_tests::daemon::Scratch;
 use bulkhead_tests::fixture::{pattern, BlkFixture, NetFixture};
 use bulkhead_tests::guest::{Guest, GuestKit};
-use sha2::{Digest, Sha256};
+use bulkhead_tests::guest_disk::{guest_reads, guest_writes};
 
 const T: Duration = Duration::from_secs(120);
 const MIB: u64 = 1 << 20;
@@ -149,13 +149,6 @@ fn domain_xml(name: &str, dir: &Path, blk: &Path, net: &Path, console: &Path) ->
     )
 }
 
-fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 #[test]
 fn a_libvirt_domain_runs_its_disk_and_nic_on_the_daemons_with_sockets_given_to_kvm() -> Result<()> {
     ensure_libvirtd()?;
@@ -230,26 +223,8 @@ fn a_libvirt_domain_runs_its_disk_and_nic_on_the_daemons_with_sockets_given_to_k
         size.trim() == (64 * MIB / 512).to_string(),
         "disk size {size}"
     );
-    let got = g.run_ok(
-        "dd if=/dev/vda bs=65536 count=16 iflag=direct 2>/dev/null | sha256sum",
-        T,
-    )?;
-    ensure!(
-        got.starts_with(&sha256_hex(&host_data)),
-        "the guest read {got}"
-    );
-    let written = g.run_ok(
-        "dd if=/dev/urandom of=/tmp/p bs=65536 count=16 2>/dev/null && \
-         dd if=/tmp/p of=/dev/vda bs=65536 seek=256 oflag=direct conv=fsync 2>/dev/null && \
-         sha256sum /tmp/p",
-        T,
-    )?;
-    let mut on_disk = vec![0u8; MIB as usize];
-    std::fs::File::open(&blk.image)?.read_exact_at(&mut on_disk, 16 * MIB)?;
-    ensure!(
-        written.starts_with(&sha256_hex(&on_disk)),
-        "the image does not hold what the guest wrote"
-    );
+    guest_reads(&mut g, 0, &host_data, T)?;
+    guest_writes(&mut g, &blk.image, 16, T)?;
     let mac = g.run_ok("cat /sys/class/net/eth0/address", T)?;
     ensure!(mac.trim() == GUEST_MAC, "NIC MAC {mac}");
     g.run_ok("ip addr add 10.0.0.2/24 dev eth0 && ip link set eth0 up", T)?;

@@ -173,6 +173,24 @@ fn spawn_testpmd(
     Ok(d)
 }
 
+/// Both daemons on the namespace's TAP (10.0.0.1 on the host side), and a guest on the first
+/// one that has pinged the host.
+fn two_sides_and_a_guest_on_a(
+    kit: &GuestKit,
+    scratch: &Scratch,
+    ns: &NetNs,
+) -> Result<(Side, Side, Guest)> {
+    let a = Side::new(scratch, ns, "a")?;
+    ns.ip(&["addr", "add", "10.0.0.1/24", "dev", "tap0"])?;
+    ns.ip(&["link", "set", "tap0", "up"])?;
+    let b = Side::new(scratch, ns, "b")?;
+    let mut src = Guest::boot(kit, &a.config(None))?;
+    src.run_ok("ip addr add 10.0.0.2/24 dev eth0 && ip link set eth0 up", T)?;
+    src.run_ok("ping -c 2 -W 5 10.0.0.1", T)
+        .with_context(|| a.daemon.log())?;
+    Ok((a, b, src))
+}
+
 fn migrate_between(
     kit: &GuestKit,
     scratch: &Scratch,
@@ -201,14 +219,7 @@ fn a_tcp_transfer_spanning_a_migration_completes_and_the_guest_pings_after_there
     let kit = GuestKit::ensure()?;
     let scratch = Scratch::new("netmig")?;
     let ns = NetNs::create("netmig")?;
-    let a = Side::new(&scratch, &ns, "a")?;
-    ns.ip(&["addr", "add", "10.0.0.1/24", "dev", "tap0"])?;
-    ns.ip(&["link", "set", "tap0", "up"])?;
-    let b = Side::new(&scratch, &ns, "b")?;
-    let mut src = Guest::boot(&kit, &a.config(None))?;
-    src.run_ok("ip addr add 10.0.0.2/24 dev eth0 && ip link set eth0 up", T)?;
-    src.run_ok("ping -c 1 -W 5 10.0.0.1", T)
-        .with_context(|| a.daemon.log())?;
+    let (a, b, mut src) = two_sides_and_a_guest_on_a(&kit, &scratch, &ns)?;
 
     let listener = ns.run_in(|| Ok(TcpListener::bind("10.0.0.1:5000")?))?;
     let received = Arc::new(AtomicUsize::new(0));
@@ -286,14 +297,7 @@ fn an_idle_guest_migrates_there_and_back_and_pings_on_each_side() -> Result<()> 
     let kit = GuestKit::ensure()?;
     let scratch = Scratch::new("netmig-idle")?;
     let ns = NetNs::create("netmigi")?;
-    let a = Side::new(&scratch, &ns, "a")?;
-    ns.ip(&["addr", "add", "10.0.0.1/24", "dev", "tap0"])?;
-    ns.ip(&["link", "set", "tap0", "up"])?;
-    let b = Side::new(&scratch, &ns, "b")?;
-    let mut src = Guest::boot(&kit, &a.config(None))?;
-    src.run_ok("ip addr add 10.0.0.2/24 dev eth0 && ip link set eth0 up", T)?;
-    src.run_ok("ping -c 2 -W 5 10.0.0.1", T)
-        .with_context(|| a.daemon.log())?;
+    let (a, b, src) = two_sides_and_a_guest_on_a(&kit, &scratch, &ns)?;
     let (mut dest, there) = migrate_between(&kit, &scratch, &a, &b, "ab")?;
     drop(src);
     let ping = dest.run("ping -c 2 -W 5 10.0.0.1", T)?;
