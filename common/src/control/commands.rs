@@ -26,41 +26,44 @@ impl<D: Device> Engine<D> {
     pub fn metrics(&self) -> Metrics {
         let mut m = Metrics::default();
         let status = self.state.status();
-        let mut f = Family::new(
+        let mut uptime = Family::new(
             "bulkhead_uptime_seconds",
             "Seconds since the daemon started.",
             Kind::Gauge,
         );
-        f.float(Vec::new(), status.uptime_s);
-        m.push(f);
-        let mut f = Family::new(
-            "bulkhead_frontend_connected",
-            "1 while a frontend (VMM) is connected.",
-            Kind::Gauge,
-        );
-        f.number(Vec::new(), u64::from(status.frontend.connected));
-        m.push(f);
-        let mut f = Family::new(
-            "bulkhead_sessions_total",
-            "Frontend connections served.",
-            Kind::Counter,
-        );
-        f.number(Vec::new(), status.sessions);
-        m.push(f);
-        let mut f = Family::new(
-            "bulkhead_resumed_sessions_total",
-            "Sessions that resumed a frontend's earlier state (a daemon restart or a reconnection under a running VM).",
-            Kind::Counter,
-        );
-        f.number(Vec::new(), status.resumed_sessions);
-        m.push(f);
-        let mut f = Family::new(
-            "bulkhead_requests_resubmitted_total",
-            "Requests found in flight after a restart and executed again.",
-            Kind::Counter,
-        );
-        f.number(Vec::new(), status.requests_resubmitted);
-        m.push(f);
+        uptime.float(Vec::new(), status.uptime_s);
+        m.push(uptime);
+        let unlabelled: [(&'static str, &'static str, Kind, u64); 4] = [
+            (
+                "bulkhead_frontend_connected",
+                "1 while a frontend (VMM) is connected.",
+                Kind::Gauge,
+                u64::from(status.frontend.connected),
+            ),
+            (
+                "bulkhead_sessions_total",
+                "Frontend connections served.",
+                Kind::Counter,
+                status.sessions,
+            ),
+            (
+                "bulkhead_resumed_sessions_total",
+                "Sessions that resumed a frontend's earlier state (a daemon restart or a reconnection under a running VM).",
+                Kind::Counter,
+                status.resumed_sessions,
+            ),
+            (
+                "bulkhead_requests_resubmitted_total",
+                "Requests found in flight after a restart and executed again.",
+                Kind::Counter,
+                status.requests_resubmitted,
+            ),
+        ];
+        for (name, help, kind, value) in unlabelled {
+            let mut f = Family::new(name, help, kind);
+            f.number(Vec::new(), value);
+            m.push(f);
+        }
         self.device.metrics(&mut m);
         m
     }
