@@ -146,31 +146,46 @@ mod tests {
     use super::*;
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
-    fn temp_sock(name: &str) -> PathBuf {
+    /// A socket path in a directory of its own, removed when the guard goes.
+    struct TempSock {
+        dir: PathBuf,
+        path: PathBuf,
+    }
+
+    impl Drop for TempSock {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn temp_sock(name: &str) -> TempSock {
         let dir =
             std::env::temp_dir().join(format!("bulkhead-access-{}-{name}", std::process::id()));
         let _ = std::fs::create_dir_all(&dir);
-        dir.join("s.sock")
+        let path = dir.join("s.sock");
+        TempSock { dir, path }
     }
 
     #[test]
     fn group_without_mode_gives_owner_and_group_access() {
-        let path = temp_sock("group");
+        let sock = temp_sock("group");
+        let path = &sock.path;
         // SAFETY: getgid has no side effects.
         let gid = unsafe { libc::getgid() };
         let access = SocketAccess::new(Some(&gid.to_string()), None).unwrap();
-        let _l = access.listen(&path).unwrap();
-        let meta = std::fs::metadata(&path).unwrap();
+        let _l = access.listen(path).unwrap();
+        let meta = std::fs::metadata(path).unwrap();
         assert_eq!(meta.permissions().mode() & 0o777, 0o660);
         assert_eq!(meta.gid(), gid);
     }
 
     #[test]
     fn explicit_mode_is_applied() {
-        let path = temp_sock("mode");
+        let sock = temp_sock("mode");
+        let path = &sock.path;
         let access = SocketAccess::new(None, Some(0o600)).unwrap();
-        let _l = access.listen(&path).unwrap();
-        let meta = std::fs::metadata(&path).unwrap();
+        let _l = access.listen(path).unwrap();
+        let meta = std::fs::metadata(path).unwrap();
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
     }
 
@@ -192,11 +207,12 @@ mod tests {
 
     #[test]
     fn a_live_socket_is_not_replaced() {
-        let path = temp_sock("live");
+        let sock = temp_sock("live");
+        let path = &sock.path;
         let access = SocketAccess::default();
-        let _first = access.listen(&path).unwrap();
+        let _first = access.listen(path).unwrap();
         assert!(matches!(
-            access.listen(&path),
+            access.listen(path),
             Err(AccessError::Listen { .. })
         ));
     }
