@@ -19,6 +19,7 @@ pub mod control;
 pub mod device;
 pub mod dirty_log;
 pub mod engine_options;
+pub mod fd;
 pub mod guest_access;
 pub mod inflight;
 pub mod iov;

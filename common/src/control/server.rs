@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::protocol::{self, ErrorKind, Reply, Request, MAX_REQUEST_BYTES};
+use crate::fd::set_nonblocking;
 use crate::socket_access::{AccessError, SocketAccess};
 
 /// Clients served at once; one more is told so and closed.
@@ -268,21 +269,6 @@ fn accept(listener: &UnixListener, clients: &mut Vec<Client>) {
             }
         }
     }
-}
-
-/// O_NONBLOCK through fcntl: std's `set_nonblocking` uses an ioctl (FIONBIO) the seccomp
-/// filter does not allow.
-fn set_nonblocking(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: F_GETFL/F_SETFL on a descriptor the caller holds open.
-    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
-    if flags < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: as above.
-    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 fn pollfd(fd: std::os::fd::RawFd, events: libc::c_short) -> libc::pollfd {

@@ -4,7 +4,7 @@
 //! (its open file or TAP) outlives sessions. Each request is validated before it changes state;
 //! a bad request gets an error reply (or a REPLY_ACK failure) and the session continues.
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 

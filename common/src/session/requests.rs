@@ -396,22 +396,9 @@ impl<D: Device> Session<D> {
 }
 
 fn eventfd_from(fd: OwnedFd) -> Result<EventFd, RequestError> {
-    set_nonblocking(&fd).map_err(RequestError::EventFd)?;
+    crate::fd::set_nonblocking(fd.as_fd()).map_err(RequestError::EventFd)?;
     // SAFETY: we own `fd`; EventFd takes over ownership and closes it on drop.
     Ok(unsafe {
         <EventFd as std::os::fd::FromRawFd>::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(fd))
     })
-}
-
-fn set_nonblocking(fd: &OwnedFd) -> std::io::Result<()> {
-    // SAFETY: F_GETFL/F_SETFL on a descriptor we own.
-    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
-    if flags < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: as above.
-    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }

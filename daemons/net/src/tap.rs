@@ -4,7 +4,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -192,7 +192,7 @@ impl TapQueue {
                 source: None,
             });
         }
-        set_nonblocking(raw).map_err(TapError::Configure)?;
+        bulkhead_common::fd::set_nonblocking(fd.as_fd()).map_err(TapError::Configure)?;
         Ok(TapQueue {
             file: File::from(fd),
             attached: (flags & libc::IFF_MULTI_QUEUE != 0).then(|| AtomicBool::new(true)),
@@ -310,14 +310,4 @@ impl TapQueue {
         }
         Ok(())
     }
-}
-
-fn set_nonblocking(fd: RawFd) -> io::Result<()> {
-    // SAFETY: F_GETFL/F_SETFL on an open descriptor.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    // SAFETY: as above.
-    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
