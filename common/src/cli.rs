@@ -47,6 +47,10 @@ pub struct ServeArgs {
     #[arg(long, hide = true)]
     pub test_break_dirty_log: bool,
 
+    /// Do not offer packed virtqueues (VIRTIO_F_RING_PACKED): guests then use split rings.
+    #[arg(long)]
+    pub no_packed: bool,
+
     /// After set-up, switch to this user (and its group): open the image, TAP and socket as
     /// root, serve as nobody.
     #[arg(long, value_name = "USER")]
@@ -110,6 +114,7 @@ impl ServeArgs {
             poll: std::time::Duration::from_micros(self.poll_us),
             completions: self.completions,
             break_dirty_log: self.test_break_dirty_log,
+            no_packed: self.no_packed,
         }
     }
     /// Binds `--control-socket` (before the daemon confines itself), if given.

@@ -12,4 +12,6 @@ pub struct EngineOptions {
     pub completions: crate::pipeline::Completions,
     /// Test-only: accept dirty logging but mark nothing (migration tests' negative control).
     pub break_dirty_log: bool,
+    /// Do not offer packed rings (`VIRTIO_F_RING_PACKED`).
+    pub no_packed: bool,
 }

@@ -1,4 +1,5 @@
-//! Inflight I/O tracking for split rings (`VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`).
+//! Inflight I/O tracking (`VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`): the region, and the split
+//! rings' tracker (packed rings' is in `inflight_packed.rs`).
 //!
 //! A shared-memory region, which the frontend keeps while we crash and restart, records which
 //! chains we took and have not yet returned. The layout is the vhost-user spec's, one block per
@@ -27,7 +28,7 @@ use std::sync::Arc;
 
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
-use crate::vring::MAX_QUEUE_SIZE;
+use crate::vring::{Layout, MAX_QUEUE_SIZE};
 
 const HEADER: u64 = 16;
 const DESC: u64 = 16;
@@ -84,9 +85,17 @@ pub enum InflightError {
     BadFlag(u8),
     #[error("stored used index {stored} is {distance} behind the ring's, more than a queue")]
     UsedIdxJump { stored: u16, distance: u16 },
+    #[error("the region was made for the other ring layout (split or packed)")]
+    WrongLayout,
+    #[error("no free entry left to record a chain (the region is inconsistent)")]
+    Exhausted,
+    #[error("chain record at entry {0} is malformed")]
+    BadChain(u16),
+    #[error("recovered ring state unusable: {0}")]
+    Ring(String),
 }
 
-/// Bytes of one queue's block.
+/// Bytes of one queue's block of the split layout.
 pub fn queue_stride(queue_size: u16) -> u64 {
     HEADER
         .saturating_add(DESC.saturating_mul(u64::from(queue_size)))
@@ -94,9 +103,19 @@ pub fn queue_stride(queue_size: u16) -> u64 {
         .saturating_mul(ALIGN)
 }
 
+/// Bytes of one queue's block in `layout`.
+pub fn stride_of(layout: Layout, queue_size: u16) -> u64 {
+    match layout {
+        Layout::Split => queue_stride(queue_size),
+        Layout::Packed => crate::inflight_packed::queue_stride(queue_size),
+    }
+}
+
 /// The whole region, shared by the queues' trackers.
 #[derive(Debug)]
 pub struct InflightRegion {
+    /// The rings' layout the region was made for (negotiated before `GET_INFLIGHT_FD`).
+    layout: Layout,
     mem: GuestMemoryMmap<()>,
     /// A region handed back may be shrunk by the frontend: guarded like guest memory.
     /// Declared after `mem`, so the mapping goes before it is unregistered.
@@ -108,12 +127,12 @@ pub struct InflightRegion {
     queue_size: u16,
 }
 
-fn check_geometry(num_queues: u16, queue_size: u16) -> Result<u64, InflightError> {
+fn check_geometry(layout: Layout, num_queues: u16, queue_size: u16) -> Result<u64, InflightError> {
     if num_queues == 0 || num_queues > MAX_QUEUES || queue_size == 0 || queue_size > MAX_QUEUE_SIZE
     {
         return Err(InflightError::BadGeometry(num_queues, queue_size));
     }
-    Ok(queue_stride(queue_size).saturating_mul(u64::from(num_queues)))
+    Ok(stride_of(layout, queue_size).saturating_mul(u64::from(num_queues)))
 }
 
 /// Registers the region's single mapping with the SIGBUS guard.
@@ -140,9 +159,20 @@ fn map(file: File, offset: u64, size: u64) -> Result<GuestMemoryMmap<()>, Inflig
 }
 
 impl InflightRegion {
-    /// `GET_INFLIGHT_FD`: a fresh, zeroed region for `num_queues` queues of `queue_size`.
+    /// `GET_INFLIGHT_FD` for split rings.
     pub fn create(num_queues: u16, queue_size: u16) -> Result<Self, InflightError> {
-        let size = check_geometry(num_queues, queue_size)?.saturating_add(DEVICE_STATE_BYTES);
+        Self::create_in(Layout::Split, num_queues, queue_size)
+    }
+
+    /// `GET_INFLIGHT_FD`: a fresh, zeroed region for `num_queues` queues of `queue_size` in
+    /// `layout`.
+    pub fn create_in(
+        layout: Layout,
+        num_queues: u16,
+        queue_size: u16,
+    ) -> Result<Self, InflightError> {
+        let size =
+            check_geometry(layout, num_queues, queue_size)?.saturating_add(DEVICE_STATE_BYTES);
         let fd = crate::memfd::create_sealable("bulkhead-inflight").map_err(InflightError::Io)?;
         let file = File::from(fd.try_clone().map_err(InflightError::Io)?);
         file.set_len(size).map_err(InflightError::Io)?;
@@ -151,6 +181,7 @@ impl InflightRegion {
         let mem = map(file, 0, size)?;
         let _guard = guard(&mem);
         Ok(Self {
+            layout,
             mem,
             _guard,
             fd,
@@ -161,8 +192,7 @@ impl InflightRegion {
         })
     }
 
-    /// `SET_INFLIGHT_FD`: adopts a region the frontend kept, after checking that it has the
-    /// layout's size and that the file really holds it (no SIGBUS on access).
+    /// `SET_INFLIGHT_FD` for split rings.
     pub fn adopt(
         fd: OwnedFd,
         mmap_size: u64,
@@ -170,7 +200,27 @@ impl InflightRegion {
         num_queues: u16,
         queue_size: u16,
     ) -> Result<Self, InflightError> {
-        let want = check_geometry(num_queues, queue_size)?;
+        Self::adopt_in(
+            Layout::Split,
+            fd,
+            mmap_size,
+            mmap_offset,
+            num_queues,
+            queue_size,
+        )
+    }
+
+    /// `SET_INFLIGHT_FD`: adopts a region the frontend kept, after checking that it has the
+    /// size of `layout` and that the file really holds it (no SIGBUS on access).
+    pub fn adopt_in(
+        layout: Layout,
+        fd: OwnedFd,
+        mmap_size: u64,
+        mmap_offset: u64,
+        num_queues: u16,
+        queue_size: u16,
+    ) -> Result<Self, InflightError> {
+        let want = check_geometry(layout, num_queues, queue_size)?;
         // Ours carry the device-state trailer; a region another backend made (or an older
         // Bulkhead) does not, and is used without it.
         if mmap_size != want && mmap_size != want.saturating_add(DEVICE_STATE_BYTES) {
@@ -196,6 +246,7 @@ impl InflightRegion {
         let mem = map(file, mmap_offset, mmap_size)?;
         let _guard = guard(&mem);
         Ok(Self {
+            layout,
             mem,
             _guard,
             fd,
@@ -221,10 +272,34 @@ impl InflightRegion {
     pub fn queue_size(&self) -> u16 {
         self.queue_size
     }
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    pub(crate) fn mem(&self) -> &GuestMemoryMmap<()> {
+        &self.mem
+    }
+
+    /// Offset of queue `index`'s block, for a ring of `size` in `layout`.
+    pub(crate) fn block(
+        &self,
+        layout: Layout,
+        index: u16,
+        size: u16,
+    ) -> Result<u64, InflightError> {
+        if layout != self.layout {
+            return Err(InflightError::WrongLayout);
+        }
+        if index >= self.num_queues || size > self.queue_size || size == 0 {
+            return Err(InflightError::BadGeometry(index, size));
+        }
+        Ok(stride_of(layout, self.queue_size).saturating_mul(u64::from(index)))
+    }
 
     /// Where the device-state trailer starts, if the region has one.
     fn state_base(&self) -> Option<u64> {
-        let queues = queue_stride(self.queue_size).saturating_mul(u64::from(self.num_queues));
+        let queues =
+            stride_of(self.layout, self.queue_size).saturating_mul(u64::from(self.num_queues));
         (self.mmap_size >= queues.saturating_add(DEVICE_STATE_BYTES)).then_some(queues)
     }
 
@@ -280,10 +355,7 @@ impl InflightRegion {
 
     /// The tracker for queue `index`, whose ring has `size` entries.
     pub fn queue(self: &Arc<Self>, index: u16, size: u16) -> Result<InflightQueue, InflightError> {
-        if index >= self.num_queues || size > self.queue_size || size == 0 {
-            return Err(InflightError::BadGeometry(index, size));
-        }
-        let base = queue_stride(self.queue_size).saturating_mul(u64::from(index));
+        let base = self.block(Layout::Split, index, size)?;
         Ok(InflightQueue {
             region: Arc::clone(self),
             base,

@@ -22,6 +22,7 @@ pub mod engine_options;
 pub mod fd;
 pub mod guest_access;
 pub mod inflight;
+pub mod inflight_packed;
 pub mod iov;
 pub mod local;
 pub mod logging;

@@ -16,7 +16,7 @@ use crate::memory::GuestMemory;
 use crate::notify::Signal;
 use crate::pipeline::Pipeline;
 use crate::queue_ctx::Tracking;
-use crate::vring::{RingAddrs, RingError, SplitRing};
+use crate::vring::{Layout, Ring, RingAddrs, RingError};
 use crate::worker::{Worker, WorkerSpec};
 
 /// Ring parameters of an in-process queue.
@@ -26,11 +26,21 @@ pub struct LocalRing {
     pub addrs: RingAddrs,
     pub event_idx: bool,
     pub indirect: bool,
+    /// Split or packed (a fresh ring either way).
+    pub layout: Layout,
 }
 
 impl LocalRing {
-    fn open(&self, mem: &GuestMemory) -> Result<SplitRing, RingError> {
-        SplitRing::new(mem, self.size, self.addrs, 0, self.event_idx, self.indirect)
+    fn open(&self, mem: &GuestMemory) -> Result<Ring, RingError> {
+        Ring::new(
+            self.layout,
+            mem,
+            self.size,
+            self.addrs,
+            self.layout.fresh_base(),
+            self.event_idx,
+            self.indirect,
+        )
     }
 }
 
@@ -38,7 +48,7 @@ impl LocalRing {
 #[derive(Debug)]
 pub struct DirectQueue<H: QueueHandler> {
     handler: H,
-    ring: SplitRing,
+    ring: Ring,
     tracking: Tracking,
     pipeline: Pipeline,
     mem: GuestAccess,
@@ -104,13 +114,13 @@ impl ThreadedQueue {
         call: EventFd,
         poll: std::time::Duration,
     ) -> Result<Self, LocalError> {
-        let split = ring.open(&mem)?;
+        let ring = ring.open(&mem)?;
         let signal = Arc::new(Signal::new());
         signal.set(Some(call));
         let spec = WorkerSpec {
             index: 0,
             handler,
-            ring: split,
+            ring,
             kick,
             call: signal,
             err: Arc::new(Signal::new()),

@@ -7,15 +7,61 @@ use std::sync::Arc;
 
 use crate::guest_access::GuestAccess;
 use crate::inflight::InflightQueue;
+use crate::inflight_packed::PackedInflightQueue;
 use crate::memory::GuestMemory;
 use crate::notify::Signal;
 use crate::pipeline::Pipeline;
-use crate::vring::{AvailChain, Desc, RingError, SplitRing};
+use crate::vring::{AvailChain, Desc, Ring, RingError};
+
+/// One queue's inflight tracker, in its ring's layout.
+#[derive(Debug)]
+pub(crate) enum Inflight {
+    Split(InflightQueue),
+    Packed(PackedInflightQueue),
+}
+
+impl Inflight {
+    /// Records that the chain under `head` was just taken from `ring`.
+    fn taken(&mut self, head: u16, ring: &Ring) -> Result<(), RingError> {
+        match (self, ring) {
+            (Inflight::Split(q), _) => q.taken(head),
+            (Inflight::Packed(q), Ring::Packed(r)) => {
+                let raw = r.record(head).unwrap_or(&[]);
+                q.taken(head, raw)
+            }
+            (Inflight::Packed(_), Ring::Split(_)) => {
+                Err(crate::inflight::InflightError::WrongLayout)
+            }
+        }
+        .map_err(tracking_error)
+    }
+
+    /// Before `ring` publishes the completions of `batch`.
+    fn ready(&mut self, batch: &[u16], ring: &Ring) -> Result<(), RingError> {
+        match (self, ring) {
+            (Inflight::Split(q), _) => q.batch_ready(batch),
+            (Inflight::Packed(q), Ring::Packed(r)) => q.batch_ready(batch, r.next_used_pos()),
+            (Inflight::Packed(_), Ring::Split(_)) => {
+                Err(crate::inflight::InflightError::WrongLayout)
+            }
+        }
+        .map_err(tracking_error)
+    }
+
+    /// After `ring` published them.
+    fn published(&mut self, batch: &[u16], ring: &Ring) -> Result<(), RingError> {
+        match self {
+            Inflight::Split(q) => q.batch_published(batch, ring.next_used()),
+            Inflight::Packed(q) => q.batch_published(batch),
+        }
+        .map_err(tracking_error)
+    }
+}
 
 /// Inflight tracking state of one queue (see [`crate::inflight`]).
 #[derive(Debug, Default)]
 pub(crate) struct Tracking {
-    pub inflight: Option<InflightQueue>,
+    pub inflight: Option<Inflight>,
     /// Chains owed from before a crash, oldest first: handed out before new ones.
     pub resubmit: VecDeque<u16>,
     /// Chains returned since the last publish.
@@ -34,7 +80,7 @@ fn tracking_error(e: crate::inflight::InflightError) -> RingError {
 #[derive(Debug)]
 pub struct QueueCtx<'a> {
     mem: &'a GuestAccess,
-    ring: &'a mut SplitRing,
+    ring: &'a mut Ring,
     tracking: &'a mut Tracking,
     pipeline: &'a mut Pipeline,
     call: &'a Signal,
@@ -45,7 +91,7 @@ pub struct QueueCtx<'a> {
 impl<'a> QueueCtx<'a> {
     pub(crate) fn new(
         mem: &'a GuestAccess,
-        ring: &'a mut SplitRing,
+        ring: &'a mut Ring,
         tracking: &'a mut Tracking,
         pipeline: &'a mut Pipeline,
         call: &'a Signal,
@@ -83,7 +129,7 @@ impl<'a> QueueCtx<'a> {
         let chain = self.ring.pop(self.mem, descs)?;
         if let (Some(c), Some(q)) = (&chain, self.tracking.inflight.as_mut()) {
             if c.head < self.ring.size() {
-                q.taken(c.head).map_err(tracking_error)?;
+                q.taken(c.head, self.ring)?;
             }
         }
         Ok(chain)
@@ -152,19 +198,18 @@ impl<'a> QueueCtx<'a> {
     fn publish(&mut self) -> Result<(), RingError> {
         self.unpublished = 0;
         if let Some(q) = self.tracking.inflight.as_mut() {
-            q.batch_ready(&self.tracking.batch)
-                .map_err(tracking_error)?;
+            q.ready(&self.tracking.batch, self.ring)?;
         }
         self.ring.publish_used(self.mem)?;
         if let Some(q) = self.tracking.inflight.as_mut() {
-            q.batch_published(&self.tracking.batch, self.ring.next_used())
-                .map_err(tracking_error)?;
+            q.published(&self.tracking.batch, self.ring)?;
         }
         self.tracking.batch.clear();
         Ok(())
     }
 
-    /// Before the ring stops: hands back held chains (see [`SplitRing::release_held`]).
+    /// Before the ring stops: hands back held chains (see
+    /// [`SplitRing::release_held`](crate::vring::SplitRing::release_held)).
     pub(crate) fn release_held(&mut self) -> Result<(), RingError> {
         self.ring.release_held(self.mem)
     }
@@ -182,7 +227,7 @@ impl<'a> QueueCtx<'a> {
         Ok(())
     }
 
-    pub(crate) fn ring(&mut self) -> &mut SplitRing {
+    pub(crate) fn ring(&mut self) -> &mut Ring {
         self.ring
     }
 }

@@ -21,7 +21,7 @@ use crate::memory::GuestMemory;
 use crate::notify::Signal;
 use crate::pipeline::Pipeline;
 use crate::queue_ctx::Tracking;
-use crate::vring::{RingError, SplitRing};
+use crate::vring::{Ring, RingError};
 
 /// What woke the worker, as carried in the epoll event data.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,7 +49,7 @@ impl Wake {
 pub(crate) struct WorkerSpec<H> {
     pub index: u16,
     pub handler: H,
-    pub ring: SplitRing,
+    pub ring: Ring,
     pub kick: EventFd,
     pub call: Arc<Signal>,
     pub err: Arc<Signal>,
@@ -97,7 +97,7 @@ fn view<H>(spec: &mut WorkerSpec<H>) -> Arc<GuestAccess> {
 #[derive(Debug)]
 pub(crate) struct Worker {
     stop: EventFd,
-    thread: JoinHandle<(SplitRing, EventFd)>,
+    thread: JoinHandle<(Ring, EventFd)>,
 }
 
 impl Worker {
@@ -123,7 +123,7 @@ impl Worker {
 
     /// Stops the worker after it completed every request in flight; returns the ring state and
     /// the kick eventfd.
-    pub fn stop(self) -> Option<(SplitRing, EventFd)> {
+    pub fn stop(self) -> Option<(Ring, EventFd)> {
         let _ = self.stop.write(1);
         self.thread.join().ok()
     }
@@ -137,11 +137,7 @@ fn add(epoll: &Epoll, fd: RawFd, wake: Wake, events: EventSet) -> io::Result<()>
     )
 }
 
-fn run<H: QueueHandler>(
-    mut spec: WorkerSpec<H>,
-    epoll: Epoll,
-    stop: EventFd,
-) -> (SplitRing, EventFd) {
+fn run<H: QueueHandler>(mut spec: WorkerSpec<H>, epoll: Epoll, stop: EventFd) -> (Ring, EventFd) {
     let mut broken = false;
     spec.progress.set_running(true);
     // Chains may already be waiting (a restarted backend): look before the first kick.

@@ -19,15 +19,18 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::control::state::{EngineState, QueueConfig};
 use crate::device::{Device, DeviceError};
 use crate::dirty_log::{DirtyLog, LogState};
+use crate::guest_access::GuestAccess;
 use crate::guest_warn;
 use crate::inflight::{InflightError, InflightRegion};
+use crate::inflight_packed::PackedInflightQueue;
 use crate::memory::{GuestMemory, MemoryError, MemoryTable, MAX_MEM_SLOTS};
 use crate::notify::Signal;
 use crate::protocol::backend::BackendChannel;
 use crate::protocol::channel::{Channel, ChannelError, Message};
 use crate::protocol::wire::{decode_exact, decode_prefix, Header, MAX_FDS};
-use crate::queue_ctx::Tracking;
-use crate::vring::{RingAddrs, SplitRing, MAX_QUEUE_SIZE};
+use crate::queue_ctx::{Inflight, Tracking};
+use crate::vring::packed::VIRTIO_F_RING_PACKED;
+use crate::vring::{Layout, PackedRing, Ring, RingAddrs, MAX_QUEUE_SIZE};
 use crate::worker::{Worker, WorkerSpec};
 
 const VIRTIO_F_RING_INDIRECT_DESC: u64 = 1 << 28;
@@ -273,7 +276,16 @@ impl<D: Device> Session<D> {
     }
 
     fn offered_features(&self) -> u64 {
-        self.device.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() | VHOST_F_LOG_ALL
+        // Packed rings are the engine's, so every device has them (unless switched off).
+        let packed = if self.opts.no_packed {
+            0
+        } else {
+            VIRTIO_F_RING_PACKED
+        };
+        self.device.features()
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | VHOST_F_LOG_ALL
+            | packed
     }
 
     fn offered_protocol(&self) -> VhostUserProtocolFeatures {

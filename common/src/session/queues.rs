@@ -16,7 +16,8 @@ pub(super) struct VmmRingAddrs {
 pub(super) struct QueueSlot {
     pub(super) size: u16,
     pub(super) vmm_addrs: Option<VmmRingAddrs>,
-    pub(super) base: u16,
+    /// `SET_VRING_BASE`'s word, checked against the layout when the ring starts.
+    pub(super) base: u32,
     pub(super) kick: Option<EventFd>,
     pub(super) call: Arc<Signal>,
     pub(super) err: Arc<Signal>,
@@ -90,7 +91,8 @@ impl<D: Device> Session<D> {
             // Not an error yet: memory may arrive later (ADD_MEM_REG), which retries.
             return;
         };
-        let ring = SplitRing::new(
+        let ring = Ring::new(
+            Layout::of_features(features),
             &mem,
             slot.size,
             RingAddrs { desc, avail, used },
@@ -109,7 +111,7 @@ impl<D: Device> Session<D> {
         let tracking = match self
             .inflight
             .as_ref()
-            .map(|r| recover(r, i, &mut ring, &self.state))
+            .map(|r| recover(r, i, &mut ring, &mem, &self.state))
             .transpose()
         {
             Ok(t) => t.unwrap_or_default(),
@@ -176,7 +178,7 @@ impl<D: Device> Session<D> {
         };
         match worker.stop() {
             Some((ring, kick)) => {
-                slot.base = ring.next_avail();
+                slot.base = ring.base();
                 slot.kick = Some(kick);
                 tracing::debug!(queue = i, base = slot.base, "queue stopped");
             }
@@ -205,23 +207,55 @@ impl<D: Device> Session<D> {
 pub(super) fn recover(
     region: &Arc<InflightRegion>,
     index: u16,
-    ring: &mut SplitRing,
+    ring: &mut Ring,
+    mem: &GuestMemory,
     state: &EngineState,
 ) -> Result<Tracking, InflightError> {
-    let mut q = region.queue(index, ring.size())?;
-    let r = q.recover(ring.next_used())?;
-    if !r.resubmit.is_empty() {
-        state.add_resubmitted(r.resubmit.len() as u64);
+    let (inflight, resubmit) = match ring {
+        Ring::Split(ring) => {
+            let mut q = region.queue(index, ring.size())?;
+            let r = q.recover(ring.next_used())?;
+            ring.set_next_avail(r.next_avail);
+            (Inflight::Split(q), r.resubmit)
+        }
+        Ring::Packed(packed) => {
+            let mut q = PackedInflightQueue::new(region, index, packed.size())?;
+            let desc = packed.desc_table();
+            let access = GuestAccess::new(Arc::new(mem.clone()));
+            let r = q.recover(packed.base(), |slot| {
+                crate::vring::packed_chain::load_flags(&access, desc, slot)
+            })?;
+            let mut fresh = PackedRing::new(
+                mem,
+                packed.size(),
+                packed.addrs(),
+                r.base,
+                packed.event_idx(),
+                packed.indirect(),
+            )
+            .map_err(|e| InflightError::Ring(e.to_string()))?;
+            let mut ids = Vec::with_capacity(r.owed.len());
+            for (id, raw) in &r.owed {
+                fresh
+                    .restore_in_hands(*id, raw)
+                    .map_err(|e| InflightError::Ring(e.to_string()))?;
+                ids.push(*id);
+            }
+            *packed = fresh;
+            (Inflight::Packed(q), ids)
+        }
+    };
+    if !resubmit.is_empty() {
+        state.add_resubmitted(resubmit.len() as u64);
         tracing::info!(
             queue = index,
-            owed = r.resubmit.len(),
+            owed = resubmit.len(),
             "resubmitting requests in flight before the restart"
         );
     }
-    ring.set_next_avail(r.next_avail);
     Ok(Tracking {
-        inflight: Some(q),
-        resubmit: r.resubmit.into(),
+        inflight: Some(inflight),
+        resubmit: resubmit.into(),
         batch: Vec::new(),
     })
 }

@@ -154,8 +154,14 @@ impl<D: Device> Session<D> {
                 expect_fds(0, &fds)?;
                 let s: VhostUserVringState = decode_exact(payload).ok_or_else(bad)?;
                 let i = self.stopped_queue(u64::from(s.index))?;
-                // Split rings: the base is the next available index (16 bits).
-                self.slot(i)?.base = u16::try_from(s.num).map_err(|_| bad())?;
+                // Split rings: the next available index (16 bits); packed rings: both
+                // positions with their wrap counters. Checked when the ring starts.
+                if Layout::of_features(self.acked_features) == Layout::Split
+                    && u16::try_from(s.num).is_err()
+                {
+                    return Err(bad());
+                }
+                self.slot(i)?.base = s.num;
                 Ok(Reply::Ack)
             }
             R::GET_VRING_BASE => {
@@ -166,7 +172,7 @@ impl<D: Device> Session<D> {
                 let slot = self.slot(i)?;
                 // The ring is now stopped: a new SET_VRING_KICK starts it again.
                 slot.kick = None;
-                let state = VhostUserVringState::new(s.index, u32::from(slot.base));
+                let state = VhostUserVringState::new(s.index, slot.base);
                 Ok(Reply::Payload(state.as_slice().to_vec()))
             }
             R::SET_VRING_KICK => {
@@ -252,7 +258,9 @@ impl<D: Device> Session<D> {
             R::GET_INFLIGHT_FD => {
                 expect_fds(0, &fds)?;
                 let q: VhostUserInflight = decode_exact(payload).ok_or_else(bad)?;
-                let region = InflightRegion::create(q.num_queues, q.queue_size)?;
+                // QEMU sets the features first, so the layout is known.
+                let layout = Layout::of_features(self.acked_features);
+                let region = InflightRegion::create_in(layout, q.num_queues, q.queue_size)?;
                 let reply = VhostUserInflight::new(
                     region.mmap_size(),
                     region.mmap_offset(),
@@ -271,7 +279,8 @@ impl<D: Device> Session<D> {
                 expect_fds(1, &fds)?;
                 let q: VhostUserInflight = decode_exact(payload).ok_or_else(bad)?;
                 let fd = fds.into_iter().next().ok_or_else(bad)?;
-                let region = InflightRegion::adopt(
+                let region = InflightRegion::adopt_in(
+                    Layout::of_features(self.acked_features),
                     fd,
                     q.mmap_size,
                     q.mmap_offset,

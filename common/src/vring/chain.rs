@@ -65,6 +65,10 @@ pub enum ChainError {
     UnreadableDescriptor,
     #[error("device-readable descriptor after a device-writable one")]
     ReadableAfterWritable,
+    #[error("packed chain continues into a slot the driver did not make available")]
+    NotAvailable,
+    #[error("buffer id {0} is already in the device's hands")]
+    IdInUse(u16),
 }
 
 /// Limits for walking a chain.

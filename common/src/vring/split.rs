@@ -48,6 +48,8 @@ pub enum RingError {
     Inflight(String),
     #[error("a chain cannot be put back on a queue with inflight tracking")]
     PutBackWithInflight,
+    #[error("ring base names a slot beyond the queue size")]
+    BadBase,
 }
 
 /// A chain taken from the available ring.

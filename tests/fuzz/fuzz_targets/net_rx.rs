@@ -74,6 +74,7 @@ fuzz_target!(|input: Input| {
         },
         event_idx: false,
         indirect: true,
+        layout: bulkhead_common::vring::Layout::Split,
     };
     let Ok(mut q) = DirectQueue::new(rx, mem.clone(), ring) else { return };
     let mut avail: u16 = 0;

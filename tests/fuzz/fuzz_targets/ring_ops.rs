@@ -130,6 +130,7 @@ fuzz_target!(|input: Input| {
         },
         event_idx: true,
         indirect: true,
+        layout: bulkhead_common::vring::Layout::Split,
     };
     let Ok(mut q) = DirectQueue::new(script, mem.clone(), ring) else { return };
     for _ in 0..32 {

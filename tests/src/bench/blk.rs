@@ -276,6 +276,7 @@ fn local_ring(q: &DriverQueue, event_idx: bool) -> LocalRing {
         },
         event_idx,
         indirect: true,
+        layout: bulkhead_common::vring::Layout::Split,
     }
 }
 

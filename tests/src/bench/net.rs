@@ -178,6 +178,7 @@ fn local_ring(rings: &LocalRings, q: usize) -> LocalRing {
         },
         event_idx: true,
         indirect: true,
+        layout: bulkhead_common::vring::Layout::Split,
     }
 }
 
