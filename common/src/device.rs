@@ -76,6 +76,13 @@ pub trait Device: Send + Sync + 'static {
     /// Largest queue size accepted.
     fn max_queue_size(&self) -> u16;
 
+    /// Whether every queue completes chains in the order it took them. Then a packed ring
+    /// without inflight tracking can be resumed from its contents after a restart (see
+    /// `vring::packed_scan`); devices that complete out of order must not claim this.
+    fn completes_in_order(&self) -> bool {
+        false
+    }
+
     /// Reads `out.len()` bytes of config space at `offset`.
     fn read_config(&self, offset: u32, out: &mut [u8]) -> Result<(), DeviceError> {
         Err(DeviceError::ConfigRange {

@@ -13,7 +13,7 @@ use vhost::vhost_user::message::{
     VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserSingleMemoryRegion,
     VhostUserVirtioFeatures, VhostUserVringAddr, VhostUserVringState,
 };
-use vm_memory::{ByteValued, GuestAddressSpace, GuestMemoryAtomic};
+use vm_memory::{ByteValued, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::control::state::{EngineState, QueueConfig};
@@ -30,7 +30,7 @@ use crate::protocol::channel::{Channel, ChannelError, Message};
 use crate::protocol::wire::{decode_exact, decode_prefix, Header, MAX_FDS};
 use crate::queue_ctx::{Inflight, Tracking};
 use crate::vring::packed::VIRTIO_F_RING_PACKED;
-use crate::vring::{Layout, PackedRing, Ring, RingAddrs, MAX_QUEUE_SIZE};
+use crate::vring::{Layout, PackedBase, PackedRing, Ring, RingAddrs, MAX_QUEUE_SIZE};
 use crate::worker::{Worker, WorkerSpec};
 
 const VIRTIO_F_RING_INDIRECT_DESC: u64 = 1 << 28;

@@ -91,12 +91,17 @@ impl<D: Device> Session<D> {
             // Not an error yet: memory may arrive later (ADD_MEM_REG), which retries.
             return;
         };
+        let layout = Layout::of_features(features);
+        let mut base = slot.base;
+        if layout == Layout::Packed && self.inflight.is_none() && self.device.completes_in_order() {
+            base = resume_point(&mem, desc, slot.size, base, i);
+        }
         let ring = Ring::new(
-            Layout::of_features(features),
+            layout,
             &mem,
             slot.size,
             RingAddrs { desc, avail, used },
-            slot.base,
+            base,
             features & VIRTIO_F_RING_EVENT_IDX != 0,
             features & VIRTIO_F_RING_INDIRECT_DESC != 0,
         );
@@ -200,6 +205,45 @@ impl<D: Device> Session<D> {
         self.acked_features = 0;
         self.features_set = false;
     }
+}
+
+/// Where an in-order device's packed ring resumes, read off the ring (the frontend's word may be
+/// stale after a crash; see `vring::packed_scan`). A scan that finds a driver mid-write is
+/// repeated a few times; an unreadable ring keeps the frontend's word.
+fn resume_point(
+    mem: &GuestMemory,
+    desc: GuestAddress,
+    size: u16,
+    frontend: u32,
+    queue: u16,
+) -> u32 {
+    let access = GuestAccess::new(Arc::new(mem.clone()));
+    let flags = |slot| crate::vring::packed_chain::load_flags(&access, desc, slot);
+    let mut scan = None;
+    for _ in 0..8 {
+        scan = crate::vring::packed_scan::device_position(size, flags);
+        if scan.is_none_or(|s| s.clean) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(50));
+    }
+    let Some(scan) = scan else {
+        return frontend;
+    };
+    let base = PackedBase {
+        avail: scan.used,
+        used: scan.used,
+    }
+    .encode();
+    if base != frontend {
+        tracing::info!(
+            queue,
+            frontend = format_args!("{frontend:#x}"),
+            ring = format_args!("{base:#x}"),
+            "packed ring resumes where its descriptors say, not where the frontend said"
+        );
+    }
+    base
 }
 
 /// Sets up inflight tracking for queue `index` and works out what a crash left owed: those

@@ -4,6 +4,7 @@ pub mod access;
 pub mod chain;
 pub mod packed;
 pub mod packed_chain;
+pub mod packed_scan;
 mod ring;
 pub mod split;
 mod written;

@@ -161,6 +161,11 @@ impl Device for NetDevice {
         self.opts.queue_size
     }
 
+    // Transmit completes each chain once written to the TAP, receive fills buffers in order.
+    fn completes_in_order(&self) -> bool {
+        true
+    }
+
     fn read_config(&self, offset: u32, out: &mut [u8]) -> Result<(), DeviceError> {
         let cfg = config_space::build(&NetConfig {
             mac: self.opts.mac.unwrap_or_default(),
