@@ -11,6 +11,7 @@ pub mod guest;
 pub mod guest_disk;
 pub mod guest_upload;
 pub mod hostile;
+pub mod layouts;
 pub mod load;
 pub mod netload;
 pub mod netns;

@@ -1,9 +1,10 @@
 //! Restart on crash with nothing lost: many requests in flight on several queues, completing out
 //! of order (io_uring; a flush stuck behind dirty data while small writes finish), the daemon
 //! SIGKILLed at a random moment, restarted, and the frontend replaying the handshake as QEMU does
-//! (same inflight region, rings restarted at their used index). Every request must complete
-//! exactly once and the image must hold every write. The same run without inflight tracking is
-//! the negative control: it must go wrong.
+//! (same inflight region, split rings restarted at their used index, packed ones at the last base
+//! QEMU knows). Every request must complete exactly once and the image must hold every write. The
+//! same run without inflight tracking is the negative control: it must go wrong. Each test runs
+//! on split and packed rings (`<test>::split`, `<test>::packed`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
@@ -19,6 +20,12 @@ const QUEUES: u16 = 4;
 const BIG: usize = 64 * 1024;
 const SMALL: usize = 4096;
 const GIB: u64 = 1 << 30;
+
+bulkhead_tests::on_both_layouts!(
+    requests_in_flight_at_a_crash_complete_exactly_once_with_inflight_tracking,
+    without_inflight_tracking_the_same_crashes_lose_or_repeat_requests,
+    write_cache_choice_survives_a_daemon_restart,
+);
 
 #[derive(Debug, Default)]
 struct Outcome {
@@ -62,7 +69,7 @@ fn workload(attempt: u64, q: u16) -> Vec<Option<Write>> {
     v
 }
 
-fn run(inflight: bool, attempts: u64) -> Result<Outcome> {
+fn run(ring: &Setup, inflight: bool, attempts: u64) -> Result<Outcome> {
     let mut out = Outcome::default();
     for attempt in 0..attempts {
         let mut fx = BlkFixture::start(GIB, &["--queues", "4", "--io-engine", "io-uring"])?;
@@ -71,7 +78,7 @@ fn run(inflight: bool, attempts: u64) -> Result<Outcome> {
             queue_size: 128,
             inflight,
             ram_layout: vec![(0, 256 << 20)],
-            ..Setup::default()
+            ..ring.clone()
         };
         let mut d = fx.driver(setup, 48, BIG as u32)?;
         ensure!(
@@ -146,9 +153,10 @@ fn run(inflight: bool, attempts: u64) -> Result<Outcome> {
     Ok(out)
 }
 
-#[test]
-fn requests_in_flight_at_a_crash_complete_exactly_once_with_inflight_tracking() -> Result<()> {
-    let o = run(true, 12)?;
+fn requests_in_flight_at_a_crash_complete_exactly_once_with_inflight_tracking(
+    ring: &Setup,
+) -> Result<()> {
+    let o = run(ring, true, 12)?;
     eprintln!("with inflight tracking: {o:?}");
     ensure!(
         o.owed_at_kill >= 3,
@@ -158,9 +166,8 @@ fn requests_in_flight_at_a_crash_complete_exactly_once_with_inflight_tracking() 
     Ok(())
 }
 
-#[test]
-fn without_inflight_tracking_the_same_crashes_lose_or_repeat_requests() -> Result<()> {
-    let o = run(false, 12)?;
+fn without_inflight_tracking_the_same_crashes_lose_or_repeat_requests(ring: &Setup) -> Result<()> {
+    let o = run(ring, false, 12)?;
     eprintln!("without inflight tracking: {o:?}");
     ensure!(
         o.owed_at_kill >= 3,
@@ -179,10 +186,9 @@ const WCE_OFFSET: u32 = 32;
 /// A guest that turned its write cache off expects every write durable before it completes; QEMU
 /// does not send the config again after a backend restart, so the choice has to come back with
 /// the state QEMU hands back (the inflight region).
-#[test]
-fn write_cache_choice_survives_a_daemon_restart() -> Result<()> {
+fn write_cache_choice_survives_a_daemon_restart(ring: &Setup) -> Result<()> {
     let mut fx = BlkFixture::start(16 << 20, &[])?;
-    let mut fe = bulkhead_tests::frontend::Frontend::start(fx.connect()?, Setup::default())?;
+    let mut fe = bulkhead_tests::frontend::Frontend::start(fx.connect()?, ring.clone())?;
     assert!(fe.inflight().is_some(), "inflight tracking negotiated");
     assert_eq!(
         fe.conn.get_config(WCE_OFFSET, 1)?,
@@ -199,7 +205,7 @@ fn write_cache_choice_survives_a_daemon_restart() -> Result<()> {
     );
     // A new VM (a fresh inflight region) starts at the default again.
     drop(fe);
-    let fe = bulkhead_tests::frontend::Frontend::start(fx.connect()?, Setup::default())?;
+    let fe = bulkhead_tests::frontend::Frontend::start(fx.connect()?, ring.clone())?;
     let mut fe = fe;
     assert_eq!(fe.conn.get_config(WCE_OFFSET, 1)?, Some(vec![1]));
     Ok(())

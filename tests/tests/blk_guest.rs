@@ -13,10 +13,21 @@ use bulkhead_tests::guest_disk::sha256_hex;
 const T: Duration = Duration::from_secs(60);
 const MIB: u64 = 1 << 20;
 
-fn boot_on(fx: &BlkFixture, kit: &GuestKit) -> Result<Guest> {
-    let mut cfg = QemuConfig::default();
+/// Boots a guest on the daemon, on packed rings or split ones, and checks which it got.
+fn boot_on(fx: &BlkFixture, kit: &GuestKit, packed: bool) -> Result<Guest> {
+    let mut cfg = QemuConfig {
+        packed,
+        ..QemuConfig::default()
+    };
     cfg.vhost_user_blk("disk0", &fx.socket, "", "");
-    Guest::boot(kit, &cfg)
+    let mut g = Guest::boot(kit, &cfg)?;
+    // The guest's view of feature bit 34 (VIRTIO_F_RING_PACKED).
+    let bit = g.run_ok("cut -c35 /sys/block/vda/device/features", T)?;
+    ensure!(
+        (bit.trim() == "1") == packed,
+        "guest asked for packed rings: {packed}, negotiated bit 34: {bit}"
+    );
+    Ok(g)
 }
 
 fn image_range(fx: &BlkFixture, offset: u64, len: usize) -> Result<Vec<u8>> {
@@ -27,6 +38,16 @@ fn image_range(fx: &BlkFixture, offset: u64, len: usize) -> Result<Vec<u8>> {
 
 #[test]
 fn guest_reads_writes_and_discards_then_a_second_vm_attaches() -> Result<()> {
+    reads_writes_discards_then_a_second_vm(false, false)
+}
+
+/// The same on packed rings; the second VM, on split rings, attaches to the same daemon.
+#[test]
+fn guest_on_packed_rings_reads_writes_and_discards_then_a_split_ring_vm_attaches() -> Result<()> {
+    reads_writes_discards_then_a_second_vm(true, false)
+}
+
+fn reads_writes_discards_then_a_second_vm(packed: bool, second_packed: bool) -> Result<()> {
     let kit = GuestKit::ensure()?;
     let fx = BlkFixture::start(64 * MIB, &["--serial", "bulkhead-guest-test"])?;
     let host_data = pattern(1, MIB as usize);
@@ -35,7 +56,7 @@ fn guest_reads_writes_and_discards_then_a_second_vm_attaches() -> Result<()> {
         .open(&fx.image)?
         .write_all_at(&host_data, 0)?;
 
-    let mut g = boot_on(&fx, &kit)?;
+    let mut g = boot_on(&fx, &kit, packed)?;
     let fail = |g: &Guest, what: &str| {
         format!(
             "{what}\nconsole:\n{}\ndaemon log:\n{}",
@@ -100,7 +121,7 @@ fn guest_reads_writes_and_discards_then_a_second_vm_attaches() -> Result<()> {
     g.poweroff(T)?;
 
     // 5. A second VM attaches to the same, still running daemon and sees the first one's data.
-    let mut g2 = boot_on(&fx, &kit)?;
+    let mut g2 = boot_on(&fx, &kit, second_packed)?;
     let again = g2.run_ok(
         "dd if=/dev/vda bs=65536 skip=128 count=32 iflag=direct 2>/dev/null | sha256sum",
         T,
@@ -125,7 +146,7 @@ fn read_only_disk_is_read_only_in_the_guest_and_the_image_stays_intact() -> Resu
     let fx = BlkFixture::start(16 * MIB, &["--read-only"])?;
     let data = pattern(3, 16 * MIB as usize);
     std::fs::write(&fx.image, &data)?;
-    let mut g = boot_on(&fx, &kit)?;
+    let mut g = boot_on(&fx, &kit, false)?;
     ensure!(g.run_ok("cat /sys/block/vda/ro", T)?.trim() == "1");
     let w = g.run(
         "dd if=/dev/zero of=/dev/vda bs=4096 count=1 oflag=direct conv=fsync",

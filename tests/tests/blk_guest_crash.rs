@@ -60,7 +60,7 @@ fn progress(image: &File, counts: &mut [u64]) -> Result<u64> {
     Ok(counts.iter().sum())
 }
 
-fn run(mode: Mode) -> Result<()> {
+fn run(mode: Mode, packed: bool) -> Result<()> {
     let kit = GuestKit::ensure()?;
     let scratch = Scratch::new("crash")?;
     let image = scratch.join("disk.img");
@@ -70,9 +70,18 @@ fn run(mode: Mode) -> Result<()> {
         .map(String::from)
         .to_vec();
     let mut sup = Supervised::start(mode, "vhost-user-blk", &args, socket.clone(), &scratch)?;
-    let mut cfg = QemuConfig::default();
+    let mut cfg = QemuConfig {
+        packed,
+        ..QemuConfig::default()
+    };
     cfg.vhost_user_blk("disk0", &socket, mode.chardev_opts(), "");
     let mut g = Guest::boot(&kit, &cfg)?;
+    if packed {
+        ensure!(
+            guest_has_packed_rings(&mut g)?,
+            "the guest did not negotiate packed rings"
+        );
+    }
     let script = WRITER
         .iter()
         .map(|l| format!("'{l}'"))
@@ -142,7 +151,7 @@ fn run(mode: Mode) -> Result<()> {
     recovery.sort();
     let ms: Vec<f64> = recovery.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
     eprintln!(
-        "{mode:?}: {} kills, {} blocks written and verified, SIGKILL to first guest I/O: median {:.0} ms, max {:.0} ms",
+        "{mode:?} (packed: {packed}): {} kills, {} blocks written and verified, SIGKILL to first guest I/O: median {:.0} ms, max {:.0} ms",
         sup.restarts,
         guest_counts.iter().sum::<u64>(),
         ms[ms.len() / 2],
@@ -151,22 +160,49 @@ fn run(mode: Mode) -> Result<()> {
     Ok(())
 }
 
+/// Whether the guest's virtio-blk device runs packed rings (feature bit 34 as the guest sees it).
+fn guest_has_packed_rings(g: &mut Guest) -> Result<bool> {
+    Ok(g.run_ok("cut -c35 /sys/block/vda/device/features", T)?
+        .trim()
+        == "1")
+}
+
 #[test]
 fn guest_io_survives_daemon_crashes_when_the_daemon_listens() -> Result<()> {
-    run(Mode::Listen)
+    run(Mode::Listen, false)
 }
 
 #[test]
 fn guest_io_survives_daemon_crashes_when_qemu_listens() -> Result<()> {
-    run(Mode::Client)
+    run(Mode::Client, false)
 }
 
 #[test]
 fn guest_io_survives_daemon_crashes_with_socket_activation() -> Result<()> {
-    run(Mode::SocketActivation)
+    run(Mode::SocketActivation, false)
 }
 
 #[test]
 fn guest_io_survives_daemon_crashes_with_an_inherited_fd() -> Result<()> {
-    run(Mode::InheritedFd)
+    run(Mode::InheritedFd, false)
+}
+
+#[test]
+fn guest_io_on_packed_rings_survives_daemon_crashes_when_the_daemon_listens() -> Result<()> {
+    run(Mode::Listen, true)
+}
+
+#[test]
+fn guest_io_on_packed_rings_survives_daemon_crashes_when_qemu_listens() -> Result<()> {
+    run(Mode::Client, true)
+}
+
+#[test]
+fn guest_io_on_packed_rings_survives_daemon_crashes_with_socket_activation() -> Result<()> {
+    run(Mode::SocketActivation, true)
+}
+
+#[test]
+fn guest_io_on_packed_rings_survives_daemon_crashes_with_an_inherited_fd() -> Result<()> {
+    run(Mode::InheritedFd, true)
 }

@@ -1,5 +1,7 @@
 //! vhost-user-blk driven by the synthetic frontend over a real socket: the real binary, a real
-//! image file, guest RAM in a memfd, split rings and eventfds.
+//! image file, guest RAM in a memfd, split or packed rings and eventfds. Most tests run on both
+//! ring layouts (`<test>::split`, `<test>::packed`); those that hand-build split descriptors
+//! are split-only, and their packed counterparts build packed descriptors.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -14,17 +16,41 @@ use vm_memory::{Bytes, GuestAddress};
 const MIB: u64 = 1 << 20;
 const ENGINES: [&str; 2] = ["sync", "io-uring"];
 
+bulkhead_tests::on_both_layouts!(
+    written_data_reads_back_and_lands_in_the_image,
+    read_returns_what_the_host_wrote,
+    segmented_and_indirect_chains_carry_the_same_data,
+    flush_completes_ok,
+    get_id_returns_the_configured_serial,
+    discard_punches_a_hole_that_reads_as_zeroes,
+    write_zeroes_zeroes_the_range_with_and_without_unmap,
+    discard_with_unmap_flag_or_reserved_flags_is_unsupported,
+    discard_beyond_capacity_returns_ioerr,
+    read_only_device_refuses_writes_and_leaves_the_file_untouched,
+    requests_beyond_capacity_return_ioerr,
+    malformed_requests_get_an_error_status_and_the_queue_goes_on,
+    header_split_across_descriptors_is_accepted,
+    many_requests_in_flight_on_several_queues_with_and_without_event_idx,
+    interrupts_are_sent_only_when_the_driver_asks,
+    event_idx_device_asks_for_a_kick_at_the_next_request_when_idle,
+    config_space_reports_capacity_and_the_write_cache_mode_is_writable,
+    a_second_frontend_is_served_after_the_first_disconnects,
+    stopping_a_queue_reports_its_base_and_restarting_continues,
+    client_mode_connects_to_a_listening_vmm_and_reconnects,
+    sigterm_exits_cleanly_and_removes_the_socket,
+    repeated_set_features_and_enable_leave_running_queues_running,
+);
+
 fn start(engine: &str, extra: &[&str]) -> Result<BlkFixture> {
     let mut args = vec!["--io-engine", engine];
     args.extend_from_slice(extra);
     BlkFixture::start(16 * MIB, &args)
 }
 
-#[test]
-fn written_data_reads_back_and_lands_in_the_image() -> Result<()> {
+fn written_data_reads_back_and_lands_in_the_image(ring: &Setup) -> Result<()> {
     for engine in ENGINES {
         let fx = start(engine, &[])?;
-        let mut d = fx.driver(Setup::default(), 8, 128 * 1024)?;
+        let mut d = fx.driver(ring.clone(), 8, 128 * 1024)?;
         let data = pattern(1, 64 * 1024);
         d.write(0, 2048, &data)?;
         assert_eq!(d.read(0, 2048, 64 * 1024)?, data, "{engine}");
@@ -35,24 +61,22 @@ fn written_data_reads_back_and_lands_in_the_image() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn read_returns_what_the_host_wrote() -> Result<()> {
+fn read_returns_what_the_host_wrote(ring: &Setup) -> Result<()> {
     let fx = start("io-uring", &[])?;
     let data = pattern(7, 8192);
     std::fs::OpenOptions::new()
         .write(true)
         .open(&fx.image)?
         .write_all_at(&data, 10 * 512)?;
-    let mut d = fx.driver(Setup::default(), 8, 64 * 1024)?;
+    let mut d = fx.driver(ring.clone(), 8, 64 * 1024)?;
     assert_eq!(d.read(0, 10, 8192)?, data);
     Ok(())
 }
 
-#[test]
-fn segmented_and_indirect_chains_carry_the_same_data() -> Result<()> {
+fn segmented_and_indirect_chains_carry_the_same_data(ring: &Setup) -> Result<()> {
     for engine in ENGINES {
         let fx = start(engine, &[])?;
-        let mut d = fx.driver(Setup::default(), 8, 64 * 1024)?;
+        let mut d = fx.driver(ring.clone(), 8, 64 * 1024)?;
         d.data_segments = 5;
         let data = pattern(2, 16 * 1024);
         d.write(0, 100, &data)?;
@@ -63,11 +87,10 @@ fn segmented_and_indirect_chains_carry_the_same_data() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn flush_completes_ok() -> Result<()> {
+fn flush_completes_ok(ring: &Setup) -> Result<()> {
     for engine in ENGINES {
         let fx = start(engine, &[])?;
-        let mut d = fx.driver(Setup::default(), 8, 4096)?;
+        let mut d = fx.driver(ring.clone(), 8, 4096)?;
         d.write(0, 0, &pattern(3, 4096))?;
         let c = d.run(0, &BlkOp::Flush)?;
         assert_eq!((c.status, c.used_len), (S_OK, 1), "{engine}");
@@ -75,10 +98,9 @@ fn flush_completes_ok() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn get_id_returns_the_configured_serial() -> Result<()> {
+fn get_id_returns_the_configured_serial(ring: &Setup) -> Result<()> {
     let fx = start("sync", &["--serial", "bulkhead-disk-0001"])?;
-    let mut d = fx.driver(Setup::default(), 8, 4096)?;
+    let mut d = fx.driver(ring.clone(), 8, 4096)?;
     let c = d.run(0, &BlkOp::GetId)?;
     assert_eq!(c.status, S_OK);
     assert_eq!(&c.data[..18], b"bulkhead-disk-0001");
@@ -87,10 +109,9 @@ fn get_id_returns_the_configured_serial() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn discard_punches_a_hole_that_reads_as_zeroes() -> Result<()> {
+fn discard_punches_a_hole_that_reads_as_zeroes(ring: &Setup) -> Result<()> {
     let fx = start("io-uring", &[])?;
-    let mut d = fx.driver(Setup::default(), 8, 1 << 20)?;
+    let mut d = fx.driver(ring.clone(), 8, 1 << 20)?;
     d.write(0, 0, &pattern(4, 1 << 20))?;
     let blocks_before = std::fs::metadata(&fx.image)?.blocks();
     let c = d.run(0, &BlkOp::Discard(vec![(0, 1024, 0), (1536, 512, 0)]))?;
@@ -109,10 +130,9 @@ fn discard_punches_a_hole_that_reads_as_zeroes() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn write_zeroes_zeroes_the_range_with_and_without_unmap() -> Result<()> {
+fn write_zeroes_zeroes_the_range_with_and_without_unmap(ring: &Setup) -> Result<()> {
     let fx = start("sync", &[])?;
-    let mut d = fx.driver(Setup::default(), 8, 64 * 1024)?;
+    let mut d = fx.driver(ring.clone(), 8, 64 * 1024)?;
     d.write(0, 0, &pattern(5, 64 * 1024))?;
     let c = d.run(0, &BlkOp::WriteZeroes(vec![(8, 8, 0), (32, 16, 1)]))?;
     assert_eq!(c.status, S_OK);
@@ -126,10 +146,9 @@ fn write_zeroes_zeroes_the_range_with_and_without_unmap() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn discard_with_unmap_flag_or_reserved_flags_is_unsupported() -> Result<()> {
+fn discard_with_unmap_flag_or_reserved_flags_is_unsupported(ring: &Setup) -> Result<()> {
     let fx = start("sync", &[])?;
-    let mut d = fx.driver(Setup::default(), 8, 4096)?;
+    let mut d = fx.driver(ring.clone(), 8, 4096)?;
     assert_eq!(d.run(0, &BlkOp::Discard(vec![(0, 8, 1)]))?.status, S_UNSUPP);
     assert_eq!(
         d.run(0, &BlkOp::WriteZeroes(vec![(0, 8, 2)]))?.status,
@@ -138,10 +157,9 @@ fn discard_with_unmap_flag_or_reserved_flags_is_unsupported() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn discard_beyond_capacity_returns_ioerr() -> Result<()> {
+fn discard_beyond_capacity_returns_ioerr(ring: &Setup) -> Result<()> {
     let fx = start("sync", &[])?;
-    let mut d = fx.driver(Setup::default(), 8, 4096)?;
+    let mut d = fx.driver(ring.clone(), 8, 4096)?;
     let sectors = 16 * MIB / 512;
     assert_eq!(
         d.run(0, &BlkOp::Discard(vec![(sectors - 4, 8, 0)]))?.status,
@@ -155,12 +173,11 @@ fn discard_beyond_capacity_returns_ioerr() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn read_only_device_refuses_writes_and_leaves_the_file_untouched() -> Result<()> {
+fn read_only_device_refuses_writes_and_leaves_the_file_untouched(ring: &Setup) -> Result<()> {
     let fx = start("io-uring", &["--read-only"])?;
     let original = pattern(9, 16 * MIB as usize);
     std::fs::write(&fx.image, &original)?;
-    let mut d = fx.driver(Setup::default(), 8, 64 * 1024)?;
+    let mut d = fx.driver(ring.clone(), 8, 64 * 1024)?;
     assert!(d.fe.offered & (1 << 5) != 0, "VIRTIO_BLK_F_RO offered");
     assert!(
         d.fe.offered & (1 << 13) == 0,
@@ -184,11 +201,10 @@ fn read_only_device_refuses_writes_and_leaves_the_file_untouched() -> Result<()>
     Ok(())
 }
 
-#[test]
-fn requests_beyond_capacity_return_ioerr() -> Result<()> {
+fn requests_beyond_capacity_return_ioerr(ring: &Setup) -> Result<()> {
     for engine in ENGINES {
         let fx = start(engine, &[])?;
-        let mut d = fx.driver(Setup::default(), 8, 8192)?;
+        let mut d = fx.driver(ring.clone(), 8, 8192)?;
         let sectors = 16 * MIB / 512;
         let cases = [
             BlkOp::Read {
@@ -224,10 +240,9 @@ fn requests_beyond_capacity_return_ioerr() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn malformed_requests_get_an_error_status_and_the_queue_goes_on() -> Result<()> {
+fn malformed_requests_get_an_error_status_and_the_queue_goes_on(ring: &Setup) -> Result<()> {
     let fx = start("io-uring", &[])?;
-    let mut d = fx.driver(Setup::default(), 8, 8192)?;
+    let mut d = fx.driver(ring.clone(), 8, 8192)?;
     let cases = [
         (
             BlkOp::Raw {
@@ -303,8 +318,8 @@ fn malformed_requests_get_an_error_status_and_the_queue_goes_on() -> Result<()> 
     Ok(())
 }
 
-/// Hand-built chains that are structurally broken complete with zero length, and the queue keeps
-/// serving.
+/// Hand-built split chains that are structurally broken complete with zero length, and the queue
+/// keeps serving (split only: it writes split descriptors and available entries by hand).
 #[test]
 fn broken_chains_complete_without_status_and_the_queue_goes_on() -> Result<()> {
     let fx = start("sync", &[])?;
@@ -330,7 +345,7 @@ fn broken_chains_complete_without_status_and_the_queue_goes_on() -> Result<()> {
         (3, vec![3]),
         (4, vec![4, 5]),
     ] {
-        dq.reserve(head, ids);
+        dq.reserve(head, ids)?;
         dq.push_avail(&mem, head)?;
     }
     dq.push_avail(&mem, 999)?;
@@ -354,10 +369,69 @@ fn broken_chains_complete_without_status_and_the_queue_goes_on() -> Result<()> {
     Ok(())
 }
 
+/// The packed counterpart: hand-built packed chains that are broken complete with zero length,
+/// and the queue keeps serving. (A packed chain has no next index, so no loops and no
+/// out-of-range links; its indirect tables can still be wrong.)
 #[test]
-fn header_split_across_descriptors_is_accepted() -> Result<()> {
+fn broken_packed_chains_complete_without_status_and_the_queue_goes_on() -> Result<()> {
+    use bulkhead_tests::frontend::packed::RawDesc;
+    use bulkhead_tests::frontend::queue::{DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
     let fx = start("sync", &[])?;
-    let mut d = fx.driver(Setup::default(), 8, 8192)?;
+    let mut d = fx.driver(Setup::with_packed(true), 8, 8192)?;
+    let scratch = GuestAddress(48 << 20);
+    let table = scratch.0 + 4096;
+    let mem = d.fe.ram.mem().clone();
+    mem.write_slice(&[0u8; 8192], scratch)?;
+    // A table whose one entry is itself indirect.
+    mem.write_obj(table.to_le(), GuestAddress(table))?;
+    mem.write_obj(32u32.to_le(), GuestAddress(table + 8))?;
+    mem.write_obj(DESC_F_INDIRECT.to_le(), GuestAddress(table + 14))?;
+    let raw = |addr: u64, len: u32, flags: u16| RawDesc { addr, len, flags };
+    let chains = [
+        // 1. A chain without a writable status descriptor (header only).
+        vec![raw(scratch.0, 16, 0)],
+        // 2. A buffer outside guest RAM.
+        vec![
+            raw(1 << 40, 16, DESC_F_NEXT),
+            raw(scratch.0 + 16, 1, DESC_F_WRITE),
+        ],
+        // 3. An indirect table whose length is not a whole number of descriptors.
+        vec![raw(table, 20, DESC_F_INDIRECT)],
+        // 4. An indirect table outside guest RAM.
+        vec![raw(1 << 40, 32, DESC_F_INDIRECT)],
+        // 5. An indirect table holding an indirect descriptor.
+        vec![raw(table, 16, DESC_F_INDIRECT)],
+        // 6. An empty indirect table.
+        vec![raw(table, 0, DESC_F_INDIRECT)],
+    ];
+    let dq = d.fe.queue(0);
+    let mut ids = Vec::new();
+    for c in &chains {
+        ids.push(dq.add_packed_raw(&mem, c)?.expect("ring space"));
+    }
+    dq.kick_now(&mem)?;
+    let mut seen = Vec::new();
+    for _ in 0..chains.len() {
+        let u = dq.wait(&mem, Duration::from_secs(10))?;
+        seen.push((u.head, u.len));
+    }
+    seen.sort();
+    ids.sort();
+    assert_eq!(seen, ids.iter().map(|i| (*i, 0)).collect::<Vec<_>>());
+    // The queue still serves valid requests.
+    d.write(0, 1, &[9; 1024])?;
+    assert_eq!(d.read(0, 1, 1024)?, vec![9; 1024]);
+    bulkhead_tests::daemon::eventually(
+        Duration::from_secs(5),
+        "the malformed-chain warning",
+        || Ok(fx.daemon.log().contains("malformed chain")),
+    )?;
+    Ok(())
+}
+
+fn header_split_across_descriptors_is_accepted(ring: &Setup) -> Result<()> {
+    let fx = start("sync", &[])?;
+    let mut d = fx.driver(ring.clone(), 8, 8192)?;
     d.write(0, 4, &pattern(11, 1024))?;
     let base = GuestAddress(40 << 20);
     let mem = d.fe.ram.mem().clone();
@@ -384,12 +458,12 @@ fn header_split_across_descriptors_is_accepted() -> Result<()> {
     Ok(())
 }
 
-fn queue_depth_run(engine: &str, event_idx: bool, queues: u16) -> Result<()> {
+fn queue_depth_run(ring: &Setup, engine: &str, event_idx: bool, queues: u16) -> Result<()> {
     let fx = start(engine, &["--queues", "4"])?;
     let setup = Setup {
         queues,
         event_idx,
-        ..Setup::default()
+        ..ring.clone()
     };
     let mut d = fx.driver(setup, 32, 4096)?;
     // Fill every queue with 32 writes, then read everything back at depth 32.
@@ -430,18 +504,20 @@ fn queue_depth_run(engine: &str, event_idx: bool, queues: u16) -> Result<()> {
             assert_eq!(
                 c.data,
                 pattern(heads[&c.head], 4096),
-                "{engine} q{q} event_idx={event_idx}"
+                "{engine} q{q} event_idx={event_idx} packed={}",
+                ring.packed
             );
         }
     }
     Ok(())
 }
 
-#[test]
-fn many_requests_in_flight_on_several_queues_with_and_without_event_idx() -> Result<()> {
+fn many_requests_in_flight_on_several_queues_with_and_without_event_idx(
+    ring: &Setup,
+) -> Result<()> {
     for engine in ENGINES {
         for event_idx in [true, false] {
-            queue_depth_run(engine, event_idx, 4)?;
+            queue_depth_run(ring, engine, event_idx, 4)?;
         }
     }
     Ok(())
@@ -477,13 +553,15 @@ fn interrupts(d: &mut bulkhead_tests::frontend::BlkDriver, expect_one: bool) -> 
     Ok(call.read().unwrap_or(0))
 }
 
-#[test]
-fn interrupts_are_sent_only_when_the_driver_asks() -> Result<()> {
+fn interrupts_are_sent_only_when_the_driver_asks(ring: &Setup) -> Result<()> {
     let fx = start("sync", &[])?;
-    // EVENT_IDX: ask for an interrupt only once the used index passes 3 (after the 4th request).
-    let mut d = fx.driver(Setup::default(), 8, 4096)?;
+    // EVENT_IDX: ask for an interrupt only with the 4th request. The used event counts chains
+    // on a split ring and ring slots on a packed one, where a write of one data buffer takes 3
+    // (header, data, status): the 4th covers slots 9..12.
+    let mut d = fx.driver(ring.clone(), 8, 4096)?;
     let mem = d.fe.ram.mem().clone();
-    d.fe.queue(0).set_used_event(&mem, 3)?;
+    let per_request = if ring.packed { 3 } else { 1 };
+    d.fe.queue(0).set_used_event(&mem, 3 * per_request)?;
     let mut signals = Vec::new();
     for i in 0..5 {
         complete_polling(
@@ -501,11 +579,12 @@ fn interrupts_are_sent_only_when_the_driver_asks() -> Result<()> {
     // One frontend at a time: the next one is accepted once this one is gone.
     drop(d);
 
-    // Without EVENT_IDX: VRING_AVAIL_F_NO_INTERRUPT silences the device, clearing it restores.
+    // Without EVENT_IDX: VRING_AVAIL_F_NO_INTERRUPT (split) or the DISABLE event flag (packed)
+    // silences the device, clearing it (ENABLE) restores.
     let mut d = fx.driver(
         Setup {
             event_idx: false,
-            ..Setup::default()
+            ..ring.clone()
         },
         8,
         4096,
@@ -522,32 +601,34 @@ fn interrupts_are_sent_only_when_the_driver_asks() -> Result<()> {
     }
     d.fe.queue(0).arm_interrupt(&mem)?;
     complete_polling(&mut d, &read(0))?;
-    assert_eq!(interrupts(&mut d, true)?, 1);
+    // At least one: the device decides about a completion after publishing it, so the last
+    // silenced read may still find interrupts enabled again and signal too.
+    let n = interrupts(&mut d, true)?;
+    assert!(n >= 1, "{n} interrupts once enabled again");
     d.fe.stop_queue(0)?;
     assert_eq!(interrupts(&mut d, false)?, 0);
     Ok(())
 }
 
-#[test]
-fn event_idx_device_asks_for_a_kick_at_the_next_request_when_idle() -> Result<()> {
+fn event_idx_device_asks_for_a_kick_at_the_next_request_when_idle(ring: &Setup) -> Result<()> {
     let fx = start("sync", &[])?;
-    let mut d = fx.driver(Setup::default(), 8, 4096)?;
+    let mut d = fx.driver(ring.clone(), 8, 4096)?;
     for i in 0..10u64 {
         d.write(0, i * 8, &[2; 512])?;
     }
+    // Split: avail_event equals the available index. Packed: the device event suppression
+    // area asks for a kick at the next slot (an offset there, or kicks enabled).
     let mem = d.fe.ram.mem().clone();
     let dq = d.fe.queue(0);
-    let at = GuestAddress(dq.layout.used.0 + 4 + 8 * u64::from(dq.size));
     bulkhead_tests::daemon::eventually(Duration::from_secs(5), "avail_event to catch up", || {
-        Ok(mem.read_obj::<u16>(at)? == dq.avail_idx())
+        dq.would_kick(&mem, 1)
     })?;
     Ok(())
 }
 
-#[test]
-fn config_space_reports_capacity_and_the_write_cache_mode_is_writable() -> Result<()> {
+fn config_space_reports_capacity_and_the_write_cache_mode_is_writable(ring: &Setup) -> Result<()> {
     let fx = start("sync", &["--queues", "3"])?;
-    let mut d = fx.driver(Setup::default(), 8, 4096)?;
+    let mut d = fx.driver(ring.clone(), 8, 4096)?;
     let cfg = d.fe.conn.get_config(0, 60)?.expect("config");
     assert_eq!(u64::from_le_bytes(cfg[0..8].try_into()?), 16 * MIB / 512);
     assert_eq!(u16::from_le_bytes(cfg[34..36].try_into()?), 3);
@@ -564,18 +645,17 @@ fn config_space_reports_capacity_and_the_write_cache_mode_is_writable() -> Resul
     Ok(())
 }
 
-#[test]
-fn a_second_frontend_is_served_after_the_first_disconnects() -> Result<()> {
+fn a_second_frontend_is_served_after_the_first_disconnects(ring: &Setup) -> Result<()> {
     let fx = start("io-uring", &[])?;
     {
-        let mut d = fx.driver(Setup::default(), 8, 4096)?;
+        let mut d = fx.driver(ring.clone(), 8, 4096)?;
         d.write(0, 0, &pattern(21, 4096))?;
     }
     let mut d = fx.driver(
         Setup {
             queues: 2,
             add_mem_reg: false,
-            ..Setup::default()
+            ..ring.clone()
         },
         8,
         4096,
@@ -584,22 +664,24 @@ fn a_second_frontend_is_served_after_the_first_disconnects() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn stopping_a_queue_reports_its_base_and_restarting_continues() -> Result<()> {
+fn stopping_a_queue_reports_its_base_and_restarting_continues(ring: &Setup) -> Result<()> {
     let fx = start("io-uring", &[])?;
-    let mut d = fx.driver(Setup::default(), 8, 4096)?;
+    let mut d = fx.driver(ring.clone(), 8, 4096)?;
     for i in 0..5 {
         d.write(0, i * 8, &pattern(i, 4096))?;
     }
     let base = d.fe.stop_queue(0)?;
-    assert_eq!(base, 5);
-    d.fe.start_queue(0, 5)?;
+    // Split: the next available index, 5. Packed: 5 chains of 3 slots, next avail and used
+    // position both 15 with their wrap counters still 1.
+    let want = if ring.packed { 0x800f_800f } else { 5 };
+    assert_eq!(base, want, "{base:#x}");
+    assert_eq!(base, d.fe.queue(0).base(), "where the driver stands");
+    d.fe.start_queue(0, base)?;
     assert_eq!(d.read(0, 16, 4096)?, pattern(2, 4096));
     Ok(())
 }
 
-#[test]
-fn client_mode_connects_to_a_listening_vmm_and_reconnects() -> Result<()> {
+fn client_mode_connects_to_a_listening_vmm_and_reconnects(ring: &Setup) -> Result<()> {
     use bulkhead_tests::daemon::{Daemon, Scratch};
     use bulkhead_tests::frontend::{BlkDriver, Connection, Frontend};
     let scratch = Scratch::new("client")?;
@@ -618,7 +700,7 @@ fn client_mode_connects_to_a_listening_vmm_and_reconnects() -> Result<()> {
     let _daemon = Daemon::start("vhost-user-blk", &args, &scratch)?;
     for round in 0..3u64 {
         let (stream, _) = listener.accept()?;
-        let fe = Frontend::start(Connection::from_stream(stream), Setup::default())?;
+        let fe = Frontend::start(Connection::from_stream(stream), ring.clone())?;
         let mut d = BlkDriver::new(fe, 8, 4096)?;
         if round > 0 {
             assert_eq!(d.read(0, (round - 1) * 8, 4096)?, pattern(round - 1, 4096));
@@ -640,11 +722,10 @@ fn print_capabilities_follows_the_qemu_schema() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn sigterm_exits_cleanly_and_removes_the_socket() -> Result<()> {
+fn sigterm_exits_cleanly_and_removes_the_socket(ring: &Setup) -> Result<()> {
     let mut fx = start("io-uring", &[])?;
     // With a frontend connected and a queue running.
-    let mut d = fx.driver(Setup::default(), 8, 4096)?;
+    let mut d = fx.driver(ring.clone(), 8, 4096)?;
     d.write(0, 0, &[1; 512])?;
     let status = fx.daemon.stop_with(libc::SIGTERM, Duration::from_secs(5))?;
     assert!(status.success(), "{status}");
@@ -654,11 +735,10 @@ fn sigterm_exits_cleanly_and_removes_the_socket() -> Result<()> {
 
 /// QEMU re-sends SET_FEATURES (once per vhost device) and SET_VRING_ENABLE while rings run; a
 /// running queue must keep running.
-#[test]
-fn repeated_set_features_and_enable_leave_running_queues_running() -> Result<()> {
+fn repeated_set_features_and_enable_leave_running_queues_running(ring: &Setup) -> Result<()> {
     use vhost::vhost_user::message::FrontendReq;
     let fx = start("sync", &[])?;
-    let mut d = fx.driver(Setup::default(), 8, 4096)?;
+    let mut d = fx.driver(ring.clone(), 8, 4096)?;
     d.write(0, 0, &[1; 512])?;
     let acked = d.fe.acked;
     d.fe.conn.set_u64(FrontendReq::SET_FEATURES, acked)?;

@@ -81,13 +81,18 @@ impl RawRing {
     /// Reads used element `i`: (id, len). The device wrote it before the release store of
     /// used->idx that the caller acquired.
     pub fn used_elem(&self, i: u16) -> (u32, u32) {
-        let v = u64::from_le(read_at(self.used, 4 + 8 * usize::from(i % self.size)));
-        (v as u32, (v >> 32) as u32)
+        // Two 32-bit reads: used elements are only 4-byte aligned.
+        let at = 4 + 8 * usize::from(i % self.size);
+        (
+            u32::from_le(read_at(self.used, at)),
+            u32::from_le(read_at(self.used, at + 4)),
+        )
     }
     /// Writes used element `i`.
     pub fn set_used_elem(&self, i: u16, id: u32, len: u32) {
-        let v = (u64::from(len) << 32 | u64::from(id)).to_le();
-        write_at(self.used, 4 + 8 * usize::from(i % self.size), v);
+        let at = 4 + 8 * usize::from(i % self.size);
+        write_at(self.used, at, id.to_le());
+        write_at(self.used, at + 4, len.to_le());
     }
     /// Reads descriptor `i`: (addr, len, flags, next).
     pub fn desc(&self, i: u16) -> (u64, u32, u16, u16) {

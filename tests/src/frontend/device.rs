@@ -12,6 +12,7 @@ use vm_memory::ByteValued;
 use vm_memory::GuestAddress;
 
 use super::connection::Connection;
+use super::packed::FRESH_BASE;
 use super::queue::{borrow, DriverQueue, RingLayout};
 use super::ram::GuestRam;
 
@@ -19,6 +20,8 @@ pub const F_PROTOCOL_FEATURES: u64 = 1 << 30;
 pub const F_EVENT_IDX: u64 = 1 << 29;
 pub const F_INDIRECT: u64 = 1 << 28;
 pub const F_VERSION_1: u64 = 1 << 32;
+/// VIRTIO_F_RING_PACKED.
+pub const F_RING_PACKED: u64 = 1 << 34;
 /// VHOST_F_LOG_ALL: acked only while migrating.
 pub const F_LOG_ALL: u64 = 1 << 26;
 /// VHOST_VRING_F_LOG in SET_VRING_ADDR.
@@ -31,8 +34,10 @@ pub struct Setup {
     pub queue_size: u16,
     pub event_idx: bool,
     pub indirect: bool,
+    /// Packed virtqueues (VIRTIO_F_RING_PACKED, which the backend must offer) instead of split.
+    pub packed: bool,
     /// Device feature bits to ack (intersected with what is offered); ring bits are added from
-    /// `event_idx`/`indirect`.
+    /// `event_idx`/`indirect`/`packed`.
     pub device_features: u64,
     /// Send memory as ADD_MEM_REG (CONFIGURE_MEM_SLOTS, as QEMU does when offered) or as one
     /// SET_MEM_TABLE.
@@ -55,12 +60,23 @@ impl Default for Setup {
             queue_size: 128,
             event_idx: true,
             indirect: true,
+            packed: false,
             device_features: u64::MAX,
             add_mem_reg: true,
             ram_layout: vec![(0, 64 << 20)],
             queue_num_is_pairs: false,
             inflight: true,
             backend_channel: false,
+        }
+    }
+}
+
+impl Setup {
+    /// The default set-up with split (`false`) or packed (`true`) rings.
+    pub fn with_packed(packed: bool) -> Self {
+        Self {
+            packed,
+            ..Self::default()
         }
     }
 }
@@ -79,6 +95,9 @@ pub struct Frontend {
     inflight: Option<InflightShm>,
     /// Our end of the backend channel ([`Setup::backend_channel`]).
     pub backend: Option<UnixStream>,
+    /// Per queue, the last ring base sent or received (SET/GET_VRING_BASE): what QEMU's
+    /// VirtQueue remembers, and all it has for a packed ring after the backend died.
+    bases: Vec<u32>,
 }
 
 /// The inflight region the backend handed out (GET_INFLIGHT_FD), as QEMU keeps it.
@@ -100,6 +119,30 @@ impl InflightShm {
             self.queue_size,
         )
     }
+}
+
+/// The driver queues `setup` asks for, laid out one after another from guest address 0, in
+/// `mem` (zeroed).
+pub fn driver_queues(
+    mem: &vm_memory::GuestMemoryMmap<()>,
+    setup: &Setup,
+) -> Result<Vec<DriverQueue>> {
+    (0..setup.queues)
+        .map(|q| {
+            let base = GuestAddress(u64::from(q) * RingLayout::bytes(setup.queue_size));
+            let size = setup.queue_size;
+            if setup.packed {
+                DriverQueue::new_packed(
+                    mem,
+                    size,
+                    RingLayout::packed_at(base, size),
+                    setup.event_idx,
+                )
+            } else {
+                DriverQueue::new(mem, size, RingLayout::at(base, size), setup.event_idx)
+            }
+        })
+        .collect()
 }
 
 /// Where the first data byte may go: after all rings, 1 MiB aligned.
@@ -178,17 +221,7 @@ impl Frontend {
     pub fn start(mut conn: Connection, setup: Setup) -> Result<Self> {
         let n = negotiate(&mut conn, &setup)?;
         let ram = GuestRam::with_layout(&setup.ram_layout)?;
-        let mut queues = Vec::new();
-        for q in 0..setup.queues {
-            let base = GuestAddress(u64::from(q) * RingLayout::bytes(setup.queue_size));
-            let layout = RingLayout::at(base, setup.queue_size);
-            queues.push(DriverQueue::new(
-                ram.mem(),
-                setup.queue_size,
-                layout,
-                setup.event_idx,
-            )?);
-        }
+        let queues = driver_queues(ram.mem(), &setup)?;
         let mut ring_bits = 0;
         if setup.event_idx {
             ring_bits |= F_EVENT_IDX;
@@ -196,9 +229,20 @@ impl Frontend {
         if setup.indirect {
             ring_bits |= F_INDIRECT;
         }
-        // LOG_ALL is a migration's, not a start's.
-        let device_bits = setup.device_features & !(F_EVENT_IDX | F_INDIRECT | F_LOG_ALL);
+        if setup.packed {
+            ensure!(
+                n.offered & F_RING_PACKED != 0,
+                "backend does not offer VIRTIO_F_RING_PACKED (features {:#x})",
+                n.offered
+            );
+            ring_bits |= F_RING_PACKED;
+        }
+        // LOG_ALL is a migration's, not a start's; the ring layout is `setup.packed`'s.
+        let device_bits =
+            setup.device_features & !(F_EVENT_IDX | F_INDIRECT | F_RING_PACKED | F_LOG_ALL);
         let acked = n.offered & (device_bits | ring_bits | F_PROTOCOL_FEATURES | F_VERSION_1);
+        let fresh = if setup.packed { FRESH_BASE } else { 0 };
+        let bases = vec![fresh; usize::from(setup.queues)];
         let mut fe = Self {
             conn,
             ram,
@@ -209,19 +253,18 @@ impl Frontend {
             setup,
             inflight: None,
             backend: n.backend,
+            bases,
         };
-        if fe
-            .protocol
-            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
-        {
-            fe.get_inflight_fd()?;
-        }
-        fe.bring_up(n.use_slots, |_| 0)?;
+        fe.bring_up(n.use_slots, |_| fresh)?;
         Ok(fe)
     }
 
     /// Reconnects after the backend went away, as QEMU does: the whole handshake again, the same
-    /// inflight region, the same memory, and each ring restarted at its used index.
+    /// inflight region, the same memory, and each ring restarted where QEMU believes it is. A
+    /// split ring at its used index, read from guest memory. A packed ring's positions are not
+    /// in memory: QEMU sends the last base it knows with the available position set back to the
+    /// used one (`virtio_queue_packed_restore_last_avail_idx`), and the backend finds the true
+    /// positions in the inflight region.
     pub fn reconnect(&mut self, conn: Connection) -> Result<()> {
         self.conn = conn;
         let n = negotiate(&mut self.conn, &self.setup)?;
@@ -230,12 +273,16 @@ impl Frontend {
             n.offered == self.offered,
             "backend offers different features after a restart"
         );
-        let used: Vec<u16> = self
-            .queues
-            .iter()
-            .map(|q| q.used_idx(self.ram.mem()))
-            .collect::<Result<_>>()?;
-        self.bring_up(n.use_slots, |q| used[usize::from(q)])
+        let mut bases = Vec::with_capacity(self.queues.len());
+        for (q, dq) in self.queues.iter().enumerate() {
+            bases.push(if dq.is_packed() {
+                let used = self.bases[q] >> 16;
+                used | used << 16
+            } else {
+                u32::from(dq.used_idx(self.ram.mem())?)
+            });
+        }
+        self.bring_up(n.use_slots, |q| bases[usize::from(q)])
     }
 
     fn get_inflight_fd(&mut self) -> Result<()> {
@@ -262,8 +309,20 @@ impl Frontend {
         Ok(())
     }
 
-    /// Inflight region, features, memory and rings, in QEMU's order.
-    fn bring_up(&mut self, use_slots: bool, base: impl Fn(u16) -> u16) -> Result<()> {
+    /// Inflight region, features, memory and rings, in QEMU's order. With inflight tracking,
+    /// QEMU (`vhost_dev_prepare_inflight`) sends the features first, so that the backend knows
+    /// the ring layout, and so the inflight layout, before GET_INFLIGHT_FD (asked once per VM;
+    /// the region is handed back on every start); then the features again as every start does.
+    fn bring_up(&mut self, use_slots: bool, base: impl Fn(u16) -> u32) -> Result<()> {
+        if self
+            .protocol
+            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+        {
+            self.conn.set_u64(FrontendReq::SET_FEATURES, self.acked)?;
+            if self.inflight.is_none() {
+                self.get_inflight_fd()?;
+            }
+        }
         if let Some(shm) = &self.inflight {
             let fd = shm.fd.try_clone()?;
             let payload = shm.payload();
@@ -299,8 +358,10 @@ impl Frontend {
         }
     }
 
-    /// SET_VRING_NUM/BASE/ADDR/CALL/KICK and ENABLE for queue `q`, starting at `base`.
-    pub fn start_queue(&mut self, q: u16, base: u16) -> Result<()> {
+    /// SET_VRING_NUM/BASE/ADDR/CALL/KICK and ENABLE for queue `q`, starting at `base` (the
+    /// vhost-user encoding: split, the next available index; packed, next avail position and
+    /// wrap counter in bits 0-15, used position and wrap counter in bits 16-31).
+    pub fn start_queue(&mut self, q: u16, base: u32) -> Result<()> {
         let i = u32::from(q);
         let dq = &self.queues[usize::from(q)];
         let layout = dq.layout;
@@ -319,7 +380,8 @@ impl Frontend {
             u32::from(self.setup.queue_size),
         )?;
         self.conn
-            .set_vring_state(FrontendReq::SET_VRING_BASE, i, u32::from(base))?;
+            .set_vring_state(FrontendReq::SET_VRING_BASE, i, base)?;
+        self.bases[usize::from(q)] = base;
         self.conn.set_vring_addr(i, desc, used, avail)?;
         self.conn
             .set_vring_fd(FrontendReq::SET_VRING_KICK, q as u8, Some(borrow(&kick)))?;
@@ -332,7 +394,9 @@ impl Frontend {
     pub fn stop_queue(&mut self, q: u16) -> Result<u32> {
         self.conn
             .set_vring_state(FrontendReq::SET_VRING_ENABLE, u32::from(q), 0)?;
-        self.conn.get_vring_base(u32::from(q))
+        let base = self.conn.get_vring_base(u32::from(q))?;
+        self.bases[usize::from(q)] = base;
+        Ok(base)
     }
 
     pub fn queue(&mut self, q: u16) -> &mut DriverQueue {

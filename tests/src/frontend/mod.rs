@@ -4,9 +4,13 @@ pub mod blk;
 pub mod connection;
 pub mod device;
 pub mod net;
+pub mod packed;
+#[cfg(test)]
+mod packed_tests;
 pub mod queue;
 pub mod ram;
 pub mod rings;
+mod split;
 
 pub use blk::{BlkDriver, BlkOp, Completion};
 pub use connection::Connection;

@@ -1,7 +1,7 @@
-//! The driver side of a split virtqueue, as a guest's virtio driver runs it: descriptors, the
-//! available ring, the used ring, kick and interrupt suppression (EVENT_IDX or flags).
+//! A virtqueue as a guest's virtio driver runs it, split or packed: chains in, completions out,
+//! kicks and interrupt suppression (EVENT_IDX or flags). The ring layouts live in `split.rs` and
+//! `packed.rs`; this is what device drivers and tests call, whichever layout the queue has.
 
-use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
@@ -10,11 +10,12 @@ use anyhow::{bail, Context, Result};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::packed::{PackedDriver, RawDesc};
+use super::split::SplitDriver;
+
 pub const DESC_F_NEXT: u16 = 1;
 pub const DESC_F_WRITE: u16 = 2;
 pub const DESC_F_INDIRECT: u16 = 4;
-const USED_F_NO_NOTIFY: u16 = 1;
-const AVAIL_F_NO_INTERRUPT: u16 = 1;
 
 /// One buffer of a chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,7 +42,9 @@ impl Buf {
     }
 }
 
-/// Guest addresses of the three ring parts.
+/// Guest addresses of the three ring parts. Split: descriptor table, available ring, used ring.
+/// Packed: descriptor ring, driver event suppression area (in `avail`: vhost-user sends it as
+/// the available ring's address) and device event suppression area (in `used`).
 #[derive(Debug, Clone, Copy)]
 pub struct RingLayout {
     pub desc: GuestAddress,
@@ -50,17 +53,33 @@ pub struct RingLayout {
 }
 
 impl RingLayout {
-    /// Bytes a ring of `size` needs from `base` (4 KiB aligned parts).
+    /// Bytes a ring of `size` needs from `base` (4 KiB aligned parts), either layout: the split
+    /// one's, which is never smaller than the packed one's, so queues sit at the same addresses
+    /// whatever their layout.
     pub fn bytes(size: u16) -> u64 {
         let n = u64::from(size);
         align(16 * n) + align(6 + 2 * n) + align(6 + 8 * n)
     }
 
+    /// Bytes of a packed ring of `size`: the descriptor ring and the two 4-byte areas.
+    pub fn packed_bytes(size: u16) -> u64 {
+        align(16 * u64::from(size)) + 2 * align(4)
+    }
+
+    /// A split ring at `base`.
     pub fn at(base: GuestAddress, size: u16) -> Self {
         let n = u64::from(size);
         let desc = base;
         let avail = GuestAddress(desc.0 + align(16 * n));
         let used = GuestAddress(avail.0 + align(6 + 2 * n));
+        Self { desc, avail, used }
+    }
+
+    /// A packed ring at `base`.
+    pub fn packed_at(base: GuestAddress, size: u16) -> Self {
+        let desc = base;
+        let avail = GuestAddress(desc.0 + align(16 * u64::from(size)));
+        let used = GuestAddress(avail.0 + align(4));
         Self { desc, avail, used }
     }
 }
@@ -69,13 +88,28 @@ fn align(v: u64) -> u64 {
     v.div_ceil(4096) * 4096
 }
 
-/// A completed chain.
+/// A completed chain: its head descriptor (split) or buffer id (packed), and the bytes written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Used {
     pub head: u16,
     pub len: u32,
 }
 
+/// The virtio event index test (`vring_need_event`): has the index moved from `old` to `new`
+/// past `event`? Both layouts decide kicks and interrupts with it.
+pub(super) fn need_event(event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+}
+
+#[derive(Debug)]
+enum Ring {
+    Split(SplitDriver),
+    Packed(PackedDriver),
+}
+
+/// One virtqueue's driver side. Indices (`avail_idx`, `used_idx`, `set_used_event`) count
+/// chains on a split ring and ring slots on a packed one (where a chain takes one slot per
+/// descriptor, an indirect chain one): both free-running u16, so differences work the same.
 #[derive(Debug)]
 pub struct DriverQueue {
     pub size: u16,
@@ -83,70 +117,94 @@ pub struct DriverQueue {
     pub event_idx: bool,
     pub kick: EventFd,
     pub call: EventFd,
-    free: Vec<u16>,
-    chains: HashMap<u16, Vec<u16>>,
-    avail_idx: u16,
-    last_used: u16,
+    ring: Ring,
     /// Kicks actually sent (the rest were suppressed by the device).
     pub kicks: u64,
 }
 
 impl DriverQueue {
-    /// Zeroes the ring in `mem` and sets up a queue of `size` at `layout`.
+    /// Zeroes a split ring in `mem` and sets up a queue of `size` at `layout`.
     pub fn new(
         mem: &GuestMemoryMmap<()>,
         size: u16,
         layout: RingLayout,
         event_idx: bool,
     ) -> Result<Self> {
-        let zero = vec![0u8; RingLayout::bytes(size) as usize];
-        mem.write_slice(&zero, layout.desc)
-            .context("zeroing the ring")?;
+        zero(mem, layout.desc, RingLayout::bytes(size))?;
+        let ring = Ring::Split(SplitDriver::new(size, layout, event_idx));
+        Self::with_ring(size, layout, event_idx, ring)
+    }
+
+    /// Zeroes a packed ring in `mem` (which leaves both event suppression areas at ENABLE) and
+    /// sets up a queue of `size` at `layout` ([`RingLayout::packed_at`]).
+    pub fn new_packed(
+        mem: &GuestMemoryMmap<()>,
+        size: u16,
+        layout: RingLayout,
+        event_idx: bool,
+    ) -> Result<Self> {
+        let ring = Ring::Packed(PackedDriver::new(size, layout, event_idx)?);
+        zero(mem, layout.desc, RingLayout::packed_bytes(size))?;
+        Self::with_ring(size, layout, event_idx, ring)
+    }
+
+    fn with_ring(size: u16, layout: RingLayout, event_idx: bool, ring: Ring) -> Result<Self> {
         Ok(Self {
             size,
             layout,
             event_idx,
             kick: EventFd::new(EFD_NONBLOCK)?,
             call: EventFd::new(EFD_NONBLOCK)?,
-            free: (0..size).rev().collect(),
-            chains: HashMap::new(),
-            avail_idx: 0,
-            last_used: 0,
+            ring,
             kicks: 0,
         })
     }
 
+    pub fn is_packed(&self) -> bool {
+        matches!(self.ring, Ring::Packed(_))
+    }
+
+    /// Descriptors (split) or ring slots (packed) free for new chains.
     pub fn free_descriptors(&self) -> usize {
-        self.free.len()
+        match &self.ring {
+            Ring::Split(r) => r.free_descriptors(),
+            Ring::Packed(r) => r.free_descriptors(),
+        }
     }
 
+    /// Chains made available and not completed yet.
     pub fn in_flight(&self) -> usize {
-        self.chains.len()
+        match &self.ring {
+            Ring::Split(r) => r.in_flight(),
+            Ring::Packed(r) => r.in_flight(),
+        }
     }
 
+    /// The available index (split) or the slots made available so far (packed), free-running:
+    /// capture it before adding chains and hand it to [`notify`](Self::notify).
     pub fn avail_idx(&self) -> u16 {
-        self.avail_idx
+        match &self.ring {
+            Ring::Split(r) => r.avail_idx(),
+            Ring::Packed(r) => r.avail_idx(),
+        }
     }
 
-    /// Writes a chain's descriptors and puts its head on the available ring (not yet visible to
-    /// the device: see [`publish`](Self::publish)). `None` if descriptors ran out.
+    /// The used index (split) or used slots (packed) the driver has consumed.
+    fn seen_used(&self) -> u16 {
+        match &self.ring {
+            Ring::Split(r) => r.last_used(),
+            Ring::Packed(r) => r.last_used(),
+        }
+    }
+
+    /// Writes a chain's descriptors and makes it available, though not yet visible to the
+    /// device (see [`publish`](Self::publish)). Returns its head (split) or buffer id (packed),
+    /// `None` if descriptors ran out.
     pub fn add(&mut self, mem: &GuestMemoryMmap<()>, bufs: &[Buf]) -> Result<Option<u16>> {
-        if bufs.is_empty() || bufs.len() > self.free.len() {
-            return Ok(None);
+        match &mut self.ring {
+            Ring::Split(r) => r.add(mem, bufs),
+            Ring::Packed(r) => r.add(mem, bufs),
         }
-        let ids: Vec<u16> = (0..bufs.len()).filter_map(|_| self.free.pop()).collect();
-        for (i, (b, id)) in bufs.iter().zip(&ids).enumerate() {
-            let next = ids.get(i + 1).copied();
-            let mut flags = if b.writable { DESC_F_WRITE } else { 0 };
-            if next.is_some() {
-                flags |= DESC_F_NEXT;
-            }
-            self.write_desc(mem, *id, b.addr.0, b.len, flags, next.unwrap_or(0))?;
-        }
-        let head = ids[0];
-        self.chains.insert(head, ids);
-        self.push_avail(mem, head)?;
-        Ok(Some(head))
     }
 
     /// Adds a chain made of one indirect descriptor pointing at a table at `table` (in guest RAM
@@ -157,35 +215,20 @@ impl DriverQueue {
         table: GuestAddress,
         bufs: &[Buf],
     ) -> Result<Option<u16>> {
-        let Some(id) = self.free.pop() else {
-            return Ok(None);
-        };
-        for (i, b) in bufs.iter().enumerate() {
-            let mut flags = if b.writable { DESC_F_WRITE } else { 0 };
-            if i + 1 < bufs.len() {
-                flags |= DESC_F_NEXT;
-            }
-            let next = if i + 1 < bufs.len() {
-                (i + 1) as u16
-            } else {
-                0
-            };
-            write_raw_desc(mem, table, i as u16, b.addr.0, b.len, flags, next)?;
+        match &mut self.ring {
+            Ring::Split(r) => r.add_indirect(mem, table, bufs),
+            Ring::Packed(r) => r.add_indirect(mem, table, bufs),
         }
-        self.write_desc(
-            mem,
-            id,
-            table.0,
-            u32::try_from(bufs.len() * 16)?,
-            DESC_F_INDIRECT,
-            0,
-        )?;
-        self.chains.insert(id, vec![id]);
-        self.push_avail(mem, id)?;
-        Ok(Some(id))
     }
 
-    /// Writes descriptor `index` verbatim (for malformed chains).
+    fn split_only(&mut self, what: &str) -> Result<&mut SplitDriver> {
+        match &mut self.ring {
+            Ring::Split(r) => Ok(r),
+            Ring::Packed(_) => bail!("{what} exists on split rings only"),
+        }
+    }
+
+    /// Split only: writes descriptor `index` verbatim (for malformed chains).
     pub fn write_desc(
         &self,
         mem: &GuestMemoryMmap<()>,
@@ -195,67 +238,81 @@ impl DriverQueue {
         flags: u16,
         next: u16,
     ) -> Result<()> {
-        write_raw_desc(mem, self.layout.desc, index, addr, len, flags, next)
+        match &self.ring {
+            Ring::Split(r) => r.write_desc(mem, index, addr, len, flags, next),
+            Ring::Packed(_) => bail!("write_desc exists on split rings only"),
+        }
     }
 
-    /// Appends `head` to the available ring without publishing.
+    /// Packed only: adds a chain of descriptors with the flags given, however wrong (hostile
+    /// tests), not yet published. Returns its buffer id, `None` if the ring is full.
+    pub fn add_packed_raw(
+        &mut self,
+        mem: &GuestMemoryMmap<()>,
+        descs: &[RawDesc],
+    ) -> Result<Option<u16>> {
+        match &mut self.ring {
+            Ring::Packed(r) => r.add_raw(mem, descs),
+            Ring::Split(_) => bail!("add_packed_raw exists on packed rings only"),
+        }
+    }
+
+    /// Split only: appends `head` to the available ring without publishing.
     pub fn push_avail(&mut self, mem: &GuestMemoryMmap<()>, head: u16) -> Result<()> {
-        let slot = u64::from(self.avail_idx % self.size);
-        mem.write_obj(
-            head.to_le(),
-            GuestAddress(self.layout.avail.0 + 4 + 2 * slot),
-        )?;
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        Ok(())
+        self.split_only("push_avail")?.push_avail(mem, head)
     }
 
-    /// Takes descriptors out of the free list for good, without a chain in flight: a later
-    /// completion naming them is an error (a test that must see a chain coming back twice keeps
-    /// its descriptors from being reused for another chain).
+    /// Takes descriptors (split) or buffer ids (packed) out of the free list for good, without a
+    /// chain in flight: a later completion naming them is an error (a test that must see a
+    /// chain coming back twice keeps them from being reused for another chain).
     pub fn withhold(&mut self, ids: &[u16]) {
-        self.free.retain(|f| !ids.contains(f));
+        match &mut self.ring {
+            Ring::Split(r) => r.withhold(ids),
+            Ring::Packed(r) => r.withhold(ids),
+        }
     }
 
-    /// Takes descriptors out of the free list for a hand-made chain.
-    pub fn reserve(&mut self, head: u16, ids: Vec<u16>) {
-        self.free.retain(|f| !ids.contains(f));
-        self.chains.insert(head, ids);
+    /// Split only: takes descriptors out of the free list for a hand-made chain.
+    pub fn reserve(&mut self, head: u16, ids: Vec<u16>) -> Result<()> {
+        self.split_only("reserve")?.reserve(head, ids);
+        Ok(())
     }
 
     /// Makes added chains visible to the device.
     pub fn publish(&mut self, mem: &GuestMemoryMmap<()>) -> Result<()> {
-        self.publish_idx(mem, self.avail_idx)
+        match &mut self.ring {
+            Ring::Split(r) => r.publish(mem),
+            Ring::Packed(r) => r.publish(mem),
+        }
     }
 
-    /// Stores an arbitrary available index (hostile tests).
+    /// Split only: stores an arbitrary available index (hostile tests).
     pub fn publish_idx(&mut self, mem: &GuestMemoryMmap<()>, idx: u16) -> Result<()> {
-        fence(Ordering::SeqCst);
-        mem.store(
-            idx.to_le(),
-            GuestAddress(self.layout.avail.0 + 2),
-            Ordering::Release,
-        )?;
-        Ok(())
+        self.split_only("publish_idx")?.publish_idx(mem, idx)
     }
 
     /// Publishes and kicks the device unless it suppressed kicks. Returns whether it kicked.
     pub fn notify(&mut self, mem: &GuestMemoryMmap<()>, old_avail: u16) -> Result<bool> {
         self.publish(mem)?;
         fence(Ordering::SeqCst);
-        let kick = if self.event_idx {
-            let at = GuestAddress(self.layout.used.0 + 4 + 8 * u64::from(self.size));
-            let avail_event: u16 = mem.load(at, Ordering::Relaxed)?;
-            let new = self.avail_idx;
-            new.wrapping_sub(avail_event).wrapping_sub(1) < new.wrapping_sub(old_avail)
-        } else {
-            let flags: u16 = mem.load(self.layout.used, Ordering::Relaxed)?;
-            flags & USED_F_NO_NOTIFY == 0
+        let kick = match &self.ring {
+            Ring::Split(r) => r.kick_needed(mem, old_avail)?,
+            Ring::Packed(r) => r.kick_needed(mem, old_avail)?,
         };
         if kick {
             self.kick.write(1)?;
             self.kicks += 1;
         }
         Ok(kick)
+    }
+
+    /// Whether the device, as its kick suppression stands now, wants a kick once the driver
+    /// makes `more` chains (split) or ring slots (packed) available.
+    pub fn would_kick(&self, mem: &GuestMemoryMmap<()>, more: u16) -> Result<bool> {
+        match &self.ring {
+            Ring::Split(r) => r.would_kick(mem, more),
+            Ring::Packed(r) => r.would_kick(mem, more),
+        }
     }
 
     /// Publishes and always kicks.
@@ -266,69 +323,57 @@ impl DriverQueue {
         Ok(())
     }
 
-    /// The device's used index.
+    /// The device's used index (split, read from the ring), or the used slots the driver has
+    /// consumed (packed: the ring holds no index; positions are in [`base`](Self::base)).
     pub fn used_idx(&self, mem: &GuestMemoryMmap<()>) -> Result<u16> {
-        Ok(u16::from_le(mem.load(
-            GuestAddress(self.layout.used.0 + 2),
-            Ordering::Acquire,
-        )?))
+        match &self.ring {
+            Ring::Split(r) => r.used_idx(mem),
+            Ring::Packed(r) => Ok(r.last_used()),
+        }
     }
 
-    /// Takes one completion if there is one, returning its descriptors to the free list.
+    /// The ring base (GET/SET_VRING_BASE encoding) a device stands at once it has taken every
+    /// published chain and completed every one the driver has seen: the available index
+    /// (split), or next avail and used positions with their wrap counters (packed).
+    pub fn base(&self) -> u32 {
+        match &self.ring {
+            Ring::Split(r) => u32::from(r.avail_idx()),
+            Ring::Packed(r) => r.base(),
+        }
+    }
+
+    /// Takes one completion if there is one, returning its descriptors to the free list. An
+    /// error if the device names a chain that is not in flight.
     pub fn poll(&mut self, mem: &GuestMemoryMmap<()>) -> Result<Option<Used>> {
-        if self.used_idx(mem)? == self.last_used {
-            return Ok(None);
+        match &mut self.ring {
+            Ring::Split(r) => r.poll(mem),
+            Ring::Packed(r) => r.poll(mem),
         }
-        let slot = u64::from(self.last_used % self.size);
-        let at = GuestAddress(self.layout.used.0 + 4 + 8 * slot);
-        let id: u32 = mem.read_obj(at)?;
-        let len: u32 = mem.read_obj(GuestAddress(at.0 + 4))?;
-        self.last_used = self.last_used.wrapping_add(1);
-        let head = u16::try_from(id).with_context(|| format!("used id {id} out of range"))?;
-        match self.chains.remove(&head) {
-            Some(ids) => self.free.extend(ids),
-            None => bail!("device completed head {head}, which is not in flight"),
-        }
-        Ok(Some(Used { head, len }))
     }
 
     /// Asks for an interrupt after the next completion (EVENT_IDX) or at every completion.
     pub fn arm_interrupt(&self, mem: &GuestMemoryMmap<()>) -> Result<()> {
-        if self.event_idx {
-            let at = GuestAddress(self.layout.avail.0 + 4 + 2 * u64::from(self.size));
-            mem.store(self.last_used.to_le(), at, Ordering::Release)?;
-        } else {
-            mem.store(0u16, self.layout.avail, Ordering::Release)?;
+        match &self.ring {
+            Ring::Split(r) => r.arm_interrupt(mem),
+            Ring::Packed(r) => r.arm_interrupt(mem),
         }
-        fence(Ordering::SeqCst);
-        Ok(())
     }
 
-    /// EVENT_IDX: asks for an interrupt once the used index passes `used_event`.
+    /// EVENT_IDX: asks for an interrupt once the used index (split) or used slot count (packed)
+    /// passes `used_event`, i.e. with the completion that covers it.
     pub fn set_used_event(&self, mem: &GuestMemoryMmap<()>, used_event: u16) -> Result<()> {
-        let at = GuestAddress(self.layout.avail.0 + 4 + 2 * u64::from(self.size));
-        mem.store(used_event.to_le(), at, Ordering::Release)?;
-        fence(Ordering::SeqCst);
-        Ok(())
+        match &self.ring {
+            Ring::Split(r) => r.set_used_event(mem, used_event),
+            Ring::Packed(r) => r.set_used_event(mem, used_event),
+        }
     }
 
     /// Tells the device not to interrupt (polling driver).
     pub fn suppress_interrupts(&self, mem: &GuestMemoryMmap<()>) -> Result<()> {
-        if !self.event_idx {
-            mem.store(
-                AVAIL_F_NO_INTERRUPT.to_le(),
-                self.layout.avail,
-                Ordering::Release,
-            )?;
-        } else {
-            let at = GuestAddress(self.layout.avail.0 + 4 + 2 * u64::from(self.size));
-            mem.store(
-                self.last_used.wrapping_sub(1).to_le(),
-                at,
-                Ordering::Release,
-            )?;
+        match &self.ring {
+            Ring::Split(r) => r.suppress_interrupts(mem),
+            Ring::Packed(r) => r.suppress_interrupts(mem),
         }
-        Ok(())
     }
 
     /// Waits for the next completion: polls, then sleeps on the call eventfd.
@@ -337,8 +382,8 @@ impl DriverQueue {
     }
 
     /// Like [`wait`](Self::wait), but with EVENT_IDX asks for the interrupt only after `later`
-    /// more completions (Linux's `virtqueue_enable_cb_delayed` for transmit queues), so that a
-    /// busy device interrupts once per batch rather than per chain.
+    /// more completions (split) or slots (packed; Linux's `virtqueue_enable_cb_delayed` for
+    /// transmit queues), so that a busy device interrupts once per batch rather than per chain.
     pub fn wait_after(
         &mut self,
         mem: &GuestMemoryMmap<()>,
@@ -351,7 +396,7 @@ impl DriverQueue {
                 return Ok(u);
             }
             if self.event_idx && later > 0 {
-                self.set_used_event(mem, self.last_used.wrapping_add(later))?;
+                self.set_used_event(mem, self.seen_used().wrapping_add(later))?;
             } else {
                 self.arm_interrupt(mem)?;
             }
@@ -361,9 +406,10 @@ impl DriverQueue {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 bail!(
-                    "no completion within {timeout:?} (used idx {}, last seen {})",
+                    "no completion within {timeout:?} (used idx {}, last seen {}, {} in flight)",
                     self.used_idx(mem)?,
-                    self.last_used
+                    self.seen_used(),
+                    self.in_flight()
                 );
             }
             wait_readable(self.call.as_raw_fd(), left)?;
@@ -372,21 +418,9 @@ impl DriverQueue {
     }
 }
 
-fn write_raw_desc(
-    mem: &GuestMemoryMmap<()>,
-    table: GuestAddress,
-    index: u16,
-    addr: u64,
-    len: u32,
-    flags: u16,
-    next: u16,
-) -> Result<()> {
-    let at = GuestAddress(table.0 + 16 * u64::from(index));
-    mem.write_obj(addr.to_le(), at)?;
-    mem.write_obj(len.to_le(), GuestAddress(at.0 + 8))?;
-    mem.write_obj(flags.to_le(), GuestAddress(at.0 + 12))?;
-    mem.write_obj(next.to_le(), GuestAddress(at.0 + 14))?;
-    Ok(())
+fn zero(mem: &GuestMemoryMmap<()>, at: GuestAddress, bytes: u64) -> Result<()> {
+    let zero = vec![0u8; usize::try_from(bytes)?];
+    mem.write_slice(&zero, at).context("zeroing the ring")
 }
 
 /// Waits until `fd` is readable or `timeout` passes.

@@ -4,10 +4,10 @@
 //! either.
 
 use anyhow::Result;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 
-use super::device::{Frontend, Setup};
-use super::queue::{DriverQueue, RingLayout};
+use super::device::{driver_queues, Frontend, Setup};
+use super::queue::DriverQueue;
 use super::ram::GuestRam;
 
 pub trait Rings {
@@ -54,16 +54,8 @@ pub struct LocalRings {
 impl LocalRings {
     pub fn new(setup: Setup, features: u64) -> Result<Self> {
         let ram = GuestRam::with_layout(&setup.ram_layout)?;
-        let mut queues = Vec::new();
-        for q in 0..setup.queues {
-            let base = GuestAddress(u64::from(q) * RingLayout::bytes(setup.queue_size));
-            queues.push(DriverQueue::new(
-                ram.mem(),
-                setup.queue_size,
-                RingLayout::at(base, setup.queue_size),
-                setup.event_idx,
-            )?);
-        }
+        // Split or packed as `setup.packed` says: the in-process device must be told the same.
+        let queues = driver_queues(ram.mem(), &setup)?;
         Ok(Self {
             ram,
             queues,

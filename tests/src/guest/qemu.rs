@@ -37,6 +37,8 @@ pub struct QemuConfig {
     pub qmp: Option<PathBuf>,
     /// `-incoming URI`: the VM arrives by migration instead of booting.
     pub incoming: Option<String>,
+    /// Give the vhost-user devices added after this is set packed virtqueues (`packed=on`).
+    pub packed: bool,
 }
 
 impl Default for QemuConfig {
@@ -56,6 +58,7 @@ impl Default for QemuConfig {
             die_with_parent: true,
             qmp: None,
             incoming: None,
+            packed: false,
         }
     }
 }
@@ -75,7 +78,10 @@ impl QemuConfig {
         let chardev = self.chardev(id, socket, chardev_opts);
         self.extra_args.extend([
             "-device".to_owned(),
-            format!("vhost-user-blk-pci,id={id},chardev={chardev}{device_opts}"),
+            format!(
+                "vhost-user-blk-pci,id={id},chardev={chardev}{device_opts}{}",
+                self.packed_opt()
+            ),
         ]);
         self
     }
@@ -104,9 +110,20 @@ impl QemuConfig {
             "-netdev".to_owned(),
             format!("vhost-user,id={id},chardev={chardev},queues={queues}"),
             "-device".to_owned(),
-            format!("virtio-net-pci,id={id}-dev,netdev={id},mq=on,vectors={vectors},mac={mac}"),
+            format!(
+                "virtio-net-pci,id={id}-dev,netdev={id},mq=on,vectors={vectors},mac={mac}{}",
+                self.packed_opt()
+            ),
         ]);
         self
+    }
+
+    fn packed_opt(&self) -> &'static str {
+        if self.packed {
+            ",packed=on"
+        } else {
+            ""
+        }
     }
 
     /// Adds `-chardev socket` for a vhost-user device and returns its id.
