@@ -18,7 +18,7 @@ cmp target/bench-quick/report.md target/bench-rerender/report.md
 # Fuzz targets, briefly, starting from the committed corpora (cargo-fuzz on the stable
 # toolchain: RUSTC_BOOTSTRAP lets it pass the sanitizer flags).
 command -v cargo-fuzz > /dev/null || cargo install cargo-fuzz --locked
-for target in message memory_table inflight blk_request net_header net_rx ring_ops control; do
+for target in message memory_table inflight blk_request net_header net_rx ring_ops packed_ring control; do
   log="target/fuzz-$target.log"
   if ! RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir tests/fuzz -O "$target" -- \
     -max_total_time="${BULKHEAD_FUZZ_SECONDS:-20}" > "$log" 2>&1; then
