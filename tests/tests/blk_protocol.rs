@@ -751,3 +751,34 @@ fn repeated_set_features_and_enable_leave_running_queues_running(ring: &Setup) -
     assert_eq!(d.read(0, 16, 512)?, vec![3; 512]);
     Ok(())
 }
+
+/// Packed rings are offered unless `--no-packed`; a frontend that wants them is then refused at
+/// negotiation and a split-ring frontend is served as before.
+#[test]
+fn packed_rings_are_offered_unless_switched_off() -> Result<()> {
+    use bulkhead_tests::frontend::device::F_RING_PACKED;
+    let fx = start("sync", &[])?;
+    let d = fx.driver(Setup::with_packed(false), 8, 4096)?;
+    assert!(d.fe.offered & F_RING_PACKED != 0, "packed rings offered");
+    assert!(
+        d.fe.acked & F_RING_PACKED == 0,
+        "a split frontend does not ack them"
+    );
+    drop(d);
+    let fx = start("sync", &["--no-packed"])?;
+    let mut d = fx.driver(Setup::with_packed(false), 8, 4096)?;
+    assert!(
+        d.fe.offered & F_RING_PACKED == 0,
+        "--no-packed withdraws them"
+    );
+    d.write(0, 0, &[7; 512])?;
+    assert_eq!(d.read(0, 0, 512)?, vec![7; 512]);
+    // One frontend at a time: the next is served once this one is gone.
+    drop(d);
+    let err = fx.driver(Setup::with_packed(true), 8, 4096).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("PACKED"),
+        "a packed frontend is told: {err:#}"
+    );
+    Ok(())
+}

@@ -11,31 +11,10 @@ use anyhow::{ensure, Context, Result};
 use bulkhead_tests::fixture::{pattern, BlkFixture, NetFixture};
 use bulkhead_tests::frontend::device::DirtyLogShm;
 use bulkhead_tests::frontend::net::ethernet;
-use bulkhead_tests::frontend::queue::DESC_F_WRITE;
-use bulkhead_tests::frontend::{BlkOp, DriverQueue, Setup};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use bulkhead_tests::frontend::{BlkOp, Setup};
 
 const MIB: u64 = 1 << 20;
 const PAGE: u64 = 4096;
-
-/// The buffers of the chain at `head`: (address, length, device-writable).
-fn chain(mem: &GuestMemoryMmap<()>, q: &DriverQueue, head: u16) -> Vec<(u64, u32, bool)> {
-    let mut out = Vec::new();
-    let mut i = head;
-    for _ in 0..q.size {
-        let at = q.layout.desc.0 + 16 * u64::from(i);
-        let addr: u64 = mem.read_obj(GuestAddress(at)).unwrap();
-        let len: u32 = mem.read_obj(GuestAddress(at + 8)).unwrap();
-        let flags: u16 = mem.read_obj(GuestAddress(at + 12)).unwrap();
-        let next: u16 = mem.read_obj(GuestAddress(at + 14)).unwrap();
-        out.push((addr, len, flags & DESC_F_WRITE != 0));
-        if flags & 1 == 0 {
-            break;
-        }
-        i = next;
-    }
-    out
-}
 
 fn pages(addr: u64, len: u32) -> impl Iterator<Item = u64> {
     let first = addr / PAGE;
@@ -48,9 +27,9 @@ const PASS_END: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// One read and one write through `fx`, with logging on; returns what should and should not
 /// be marked, and the log.
-fn blk_round(extra: &[&str]) -> Result<(DirtyLogShm, Vec<u64>, Vec<u64>)> {
+fn blk_round(ring: &Setup, extra: &[&str]) -> Result<(DirtyLogShm, Vec<u64>, Vec<u64>)> {
     let fx = BlkFixture::start(16 * MIB, extra)?;
-    let mut d = fx.driver(Setup::default(), 8, 64 * 1024)?;
+    let mut d = fx.driver(ring.clone(), 8, 64 * 1024)?;
     d.write(0, 64, &pattern(3, 64 * 1024))?;
     let log = d.fe.start_dirty_log()?;
     // The worker takes up logging at its next pass: let the pass that completed the write end
@@ -70,29 +49,40 @@ fn blk_round(extra: &[&str]) -> Result<(DirtyLogShm, Vec<u64>, Vec<u64>)> {
     ] {
         let old = d.fe.queue(0).avail_idx();
         d.submit(0, &op)?.context("slot")?;
+        let bufs = d.last_bufs.clone();
         d.kick(0, old)?;
         let c = d.wait(0)?;
         ensure!(c.status == 0, "{op:?} failed");
-        let mem = d.fe.ram.mem().clone();
-        for (addr, len, writable) in chain(&mem, d.fe.queue(0), c.head) {
-            if writable {
-                must.extend(pages(addr, len));
-            } else if matches!(op, BlkOp::Write { .. }) && len > 16 {
+        for b in bufs {
+            if b.writable {
+                must.extend(pages(b.addr.0, b.len));
+            } else if matches!(op, BlkOp::Write { .. }) && b.len > 16 {
                 // The data of a write: read by the device, never written.
-                must_not.extend(pages(addr, len));
+                must_not.extend(pages(b.addr.0, b.len));
             }
         }
     }
-    let used = d.fe.queue(0).layout.used.0;
+    // Where completions are written: the used ring, or a packed ring's descriptor ring.
+    let layout = d.fe.queue(0).layout;
+    let used = if ring.packed {
+        layout.desc.0
+    } else {
+        layout.used.0
+    };
     must.push(used - used % PAGE);
     must_not.retain(|p| !must.contains(p));
     Ok((log, must, must_not))
 }
 
-#[test]
-fn blk_writes_into_guest_memory_and_the_used_ring_are_logged_and_reads_of_it_are_not() -> Result<()>
-{
-    let (log, must, must_not) = blk_round(&[])?;
+bulkhead_tests::on_both_layouts!(
+    blk_writes_into_guest_memory_and_the_used_ring_are_logged_and_reads_of_it_are_not,
+    a_daemon_that_skips_the_log_fails_the_same_checks,
+);
+
+fn blk_writes_into_guest_memory_and_the_used_ring_are_logged_and_reads_of_it_are_not(
+    ring: &Setup,
+) -> Result<()> {
+    let (log, must, must_not) = blk_round(ring, &[])?;
     for p in &must {
         ensure!(log.is_dirty(*p), "page {p:#x} was written but not logged");
     }
@@ -102,9 +92,8 @@ fn blk_writes_into_guest_memory_and_the_used_ring_are_logged_and_reads_of_it_are
     Ok(())
 }
 
-#[test]
-fn a_daemon_that_skips_the_log_fails_the_same_checks() -> Result<()> {
-    let (log, mut must, _) = blk_round(&["--test-break-dirty-log"])?;
+fn a_daemon_that_skips_the_log_fails_the_same_checks(ring: &Setup) -> Result<()> {
+    let (log, mut must, _) = blk_round(ring, &["--test-break-dirty-log"])?;
     // The used ring's page, pushed last: still logged, so a guest migrated from a broken daemon
     // sees consistent rings and stale data.
     let used = must.pop().context("no used ring page")?;

@@ -82,6 +82,8 @@ pub struct BlkDriver<R = Frontend> {
     depth: u32,
     free_tags: Vec<Vec<u32>>,
     in_flight: Vec<HashMap<u16, InFlight>>,
+    /// The buffers of the request submitted last (what the device may read and write).
+    pub last_bufs: Vec<Buf>,
 }
 
 impl<R: Rings> BlkDriver<R> {
@@ -105,6 +107,7 @@ impl<R: Rings> BlkDriver<R> {
             depth,
             free_tags: (0..queues).map(|_| (0..depth).rev().collect()).collect(),
             in_flight: (0..queues).map(|_| HashMap::new()).collect(),
+            last_bufs: Vec::new(),
         })
     }
 
@@ -170,6 +173,7 @@ impl<R: Rings> BlkDriver<R> {
             bufs.extend(split(data, in_len, self.data_segments, true));
         }
         bufs.push(Buf::writable(status, 1));
+        self.last_bufs.clone_from(&bufs);
         let table = self.tag_addr(q, tag, TAG_STATUS + 64);
         let (mem, dq) = self.fe.mem_and_queue(q);
         let head = if self.use_indirect {
