@@ -248,6 +248,7 @@ impl PackedRing {
         rec.raw.clear();
         rec.raw.extend_from_slice(raw);
         self.in_hands = self.in_hands.saturating_add(1);
+        self.taken_count = self.taken_count.wrapping_add(1);
         Ok(())
     }
 
