@@ -1,14 +1,15 @@
 //! Block placements, all driven by the same synthetic driver (random reads at a queue depth):
 //! the device in-process and called directly, in-process on a worker thread, the real daemon
-//! over vhost-user, and qemu-storage-daemon's vhost-user-blk export.
+//! over vhost-user, and qemu-storage-daemon's vhost-user-blk export; on split virtqueues, and on
+//! packed ones where the backend offers them (not the C peers).
 
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{ensure, Context, Result};
 use bulkhead_common::local::{DirectQueue, LocalRing, ThreadedQueue};
-use bulkhead_common::vring::RingAddrs;
+use bulkhead_common::vring::{Layout, RingAddrs};
 use bulkhead_common::Device;
 use serde::{Deserialize, Serialize};
 use vhost_user_blk::disk::{Disk, DiskOptions};
@@ -16,9 +17,10 @@ use vhost_user_blk::io::IoEngine;
 use vhost_user_blk::{BlkDevice, BlkOptions};
 
 use super::cpu::{pin_threads, process_cpu, Cpus};
-use super::instant::{InstantDevice, InstantThread};
+use super::instant::{InstantBackend, InstantThread};
 use super::lean_blk::{thread_cpu, Completions, LeanBlk, Sample};
 use crate::daemon::{Daemon, Scratch};
+use crate::frontend::device::F_RING_PACKED;
 use crate::frontend::{Connection, DriverQueue, Frontend, LocalRings, Rings, Setup};
 
 /// Where the device code runs.
@@ -98,6 +100,10 @@ pub struct BlkPoint {
     /// With `dirty_log`: distinct guest pages the log held at the end of the point.
     #[serde(default)]
     pub pages_logged: u64,
+    /// Packed virtqueue (VIRTIO_F_RING_PACKED) instead of split (reports from before packed
+    /// rings measured split ones).
+    #[serde(default)]
+    pub packed: bool,
     pub ops_per_sec: f64,
     pub mib_per_sec: f64,
     pub p50_us: f64,
@@ -131,13 +137,16 @@ pub struct BlkCase {
     pub stats: bool,
     /// The frontend turns on migration's dirty logging before the point (out of process only).
     pub dirty_log: bool,
+    /// Packed virtqueue instead of split (vhost-user-blk, in-process and the driver ceiling:
+    /// the C peers do not offer packed rings).
+    pub packed: bool,
 }
 
 impl BlkCase {
     /// One line naming the point (what `--filter` matches).
     pub fn describe(&self) -> String {
         format!(
-            "{:?} {:?} {:?} qd{} {}B {:?} event_idx={} poll={} stats={} log={}",
+            "{:?} {:?} {:?} qd{} {}B {:?} event_idx={} poll={} stats={} log={} ring={}",
             self.placement,
             self.backend,
             self.engine,
@@ -147,7 +156,8 @@ impl BlkCase {
             self.event_idx,
             self.poll_us,
             self.stats,
-            self.dirty_log
+            self.dirty_log,
+            super::ring_word(self.packed)
         )
     }
 }
@@ -156,12 +166,22 @@ pub const CAPACITY: u64 = 1 << 30;
 const QUEUE_SIZE: u16 = 256;
 const WARM_UP: Duration = Duration::from_millis(100);
 
-fn setup(event_idx: bool) -> Setup {
+fn setup(case: &BlkCase) -> Setup {
     Setup {
         queue_size: QUEUE_SIZE,
-        event_idx,
+        event_idx: case.event_idx,
+        packed: case.packed,
         ram_layout: vec![(0, 512 << 20)],
         ..Setup::default()
+    }
+}
+
+/// VIRTIO_F_RING_PACKED when `packed`: the in-process rings' features say the layout too.
+fn ring_feature(packed: bool) -> u64 {
+    if packed {
+        F_RING_PACKED
+    } else {
+        0
     }
 }
 
@@ -256,16 +276,17 @@ fn in_process_device(case: &BlkCase, image: &std::path::Path) -> Result<(BlkDevi
             stats: case.stats,
         },
     );
-    let s = setup(case.event_idx);
+    let s = setup(case);
     let mut features = dev.features() & ((1 << 32) | (1 << 28) | (1 << 9));
     if case.event_idx {
         features |= 1 << 29;
     }
     dev.set_features(features)?;
-    let rings = LocalRings::new(s, features)?;
+    let rings = LocalRings::new(s, features | ring_feature(case.packed))?;
     Ok((dev, rings))
 }
 
+/// The device side of the harness's queue `q`, in the layout the queue was built with.
 fn local_ring(q: &DriverQueue, event_idx: bool) -> LocalRing {
     LocalRing {
         size: q.size,
@@ -276,7 +297,11 @@ fn local_ring(q: &DriverQueue, event_idx: bool) -> LocalRing {
         },
         event_idx,
         indirect: true,
-        layout: bulkhead_common::vring::Layout::Split,
+        layout: if q.is_packed() {
+            Layout::Packed
+        } else {
+            Layout::Split
+        },
     }
 }
 
@@ -305,6 +330,7 @@ fn point(case: BlkCase, s: &Sample, cpu_dev: Duration) -> BlkPoint {
         stats: case.stats,
         dirty_log: case.dirty_log,
         pages_logged: 0,
+        packed: case.packed,
         ops_per_sec: s.ops as f64 / secs,
         mib_per_sec: s.ops as f64 * f64::from(case.block) / secs / (1 << 20) as f64,
         p50_us: s.latency.percentile_us(50.0),
@@ -370,15 +396,15 @@ fn run_threaded(case: BlkCase, image: &std::path::Path, duration: Duration) -> R
 }
 
 fn run_ceiling(case: BlkCase, duration: Duration) -> Result<BlkPoint> {
-    let s = setup(case.event_idx);
+    let s = setup(&case);
     let features = if case.event_idx { 1 << 29 } else { 0 };
-    let rings = LocalRings::new(s, features | (1 << 32))?;
+    let rings = LocalRings::new(s, features | (1 << 32) | ring_feature(case.packed))?;
     let call = rings.queues[0].call.as_raw_fd();
     let mem = rings.ram.mem().clone();
     let mut d = lean(rings, &case)?;
-    let ring = d.ring();
+    let ring = d.ring_ptrs();
     if case.cpus == Cpus::One {
-        let mut dev = InstantDevice::new(ring, mem, call, case.event_idx);
+        let mut dev = InstantBackend::new(ring, mem, call, case.event_idx);
         let mut device_cpu = Duration::ZERO;
         let mut step = || -> Result<()> {
             let c0 = thread_cpu();
@@ -399,7 +425,7 @@ fn run_ceiling(case: BlkCase, duration: Duration) -> Result<BlkPoint> {
         return Ok(point(case, &s, device_cpu));
     }
     let dev = InstantThread::spawn(
-        InstantDevice::new(ring, mem, call, case.event_idx),
+        InstantBackend::new(ring, mem, call, case.event_idx),
         case.cpus.device(),
     )?;
     let s = d
@@ -421,6 +447,11 @@ fn run_remote(
     duration: Duration,
     daemon_args: &[String],
 ) -> Result<BlkPoint> {
+    ensure!(
+        !case.packed || case.placement == BlkPlacement::OutOfProcess,
+        "{:?} does not offer packed rings",
+        case.placement
+    );
     let scratch = Scratch::new("bench")?;
     let socket = scratch.join("blk.sock");
     let daemon = match case.placement {
@@ -457,7 +488,7 @@ fn run_remote(
         Connection::connect(&socket)?,
         Setup {
             inflight: false,
-            ..setup(case.event_idx)
+            ..setup(&case)
         },
     )?;
     // As QEMU does while migrating: the log stays shared for the whole point.

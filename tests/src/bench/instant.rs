@@ -5,7 +5,8 @@
 //! It walks each chain (so it reads what a device reads), writes the status byte and the used
 //! element, publishes and interrupts exactly when `used_event` asks. On its own thread it
 //! busy-polls (kicks never needed, so it tells the driver not to send any); inline it is called by
-//! the driver instead of sleeping.
+//! the driver instead of sleeping. This file is the split ring's; `instant_packed.rs` is the
+//! packed ring's, and [`InstantBackend`] is whichever the driver's ring is.
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{fence, AtomicBool, Ordering};
@@ -15,10 +16,52 @@ use std::thread::JoinHandle;
 use anyhow::{ensure, Result};
 use vm_memory::{GuestAddress, GuestMemoryBackend as _, GuestMemoryMmap};
 
+use super::instant_packed::InstantPacked;
+use super::lean_ring::RingPtrs;
 use super::raw_ring::{need_event, RawRing, USED_F_NO_NOTIFY};
 
 const AVAIL_F_NO_INTERRUPT: u16 = 1;
 use crate::frontend::queue::{DESC_F_NEXT, DESC_F_WRITE};
+
+/// The instant device on the driver's ring, split or packed.
+#[derive(Debug)]
+pub enum InstantBackend {
+    Split(InstantDevice),
+    Packed(InstantPacked),
+}
+
+impl InstantBackend {
+    /// On the ring `ptrs` names (taken with nothing in flight).
+    pub fn new(ptrs: RingPtrs, mem: GuestMemoryMmap<()>, call: RawFd, event_idx: bool) -> Self {
+        match ptrs {
+            RingPtrs::Split(ring) => {
+                InstantBackend::Split(InstantDevice::new(ring, mem, call, event_idx))
+            }
+            RingPtrs::Packed(ring, at) => {
+                InstantBackend::Packed(InstantPacked::new(ring, at, mem, call, event_idx))
+            }
+        }
+    }
+
+    /// For chains without a status byte (network transmit).
+    pub fn without_status(self) -> Self {
+        match self {
+            InstantBackend::Split(d) => InstantBackend::Split(d.without_status()),
+            InstantBackend::Packed(mut d) => {
+                d.write_status = false;
+                InstantBackend::Packed(d)
+            }
+        }
+    }
+
+    /// Completes everything available; returns how many chains.
+    pub fn step(&mut self) -> Result<u16> {
+        match self {
+            InstantBackend::Split(d) => d.step(),
+            InstantBackend::Packed(d) => d.step(),
+        }
+    }
+}
 
 #[derive(Debug)]
 pub struct InstantDevice {
@@ -132,7 +175,7 @@ pub struct InstantThread {
 
 impl InstantThread {
     /// Starts polling, pinned to `cpu` if given.
-    pub fn spawn(mut dev: InstantDevice, cpu: Option<usize>) -> Result<Self> {
+    pub fn spawn(mut dev: InstantBackend, cpu: Option<usize>) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = Arc::clone(&stop);
         let thread = std::thread::Builder::new()

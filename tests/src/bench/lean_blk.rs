@@ -9,29 +9,28 @@
 //! call per interrupt), re-arming `used_event` and re-checking before sleeping. Nothing is
 //! allocated per request; latency goes into a histogram; the clock is read once per batch.
 //!
+//! On a packed ring (VIRTIO_F_RING_PACKED) the same three descriptors are written into the
+//! descriptor ring for each request, as a packed ring needs (`lean_packed.rs`); everything else
+//! is the same driver.
+//!
 //! It validates what the device does (every used id names a request in flight, the status is OK)
 //! so a backend that completes a request twice or loses one fails the run.
 
-use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Result};
 use vm_memory::GuestAddress;
 
 use super::histogram::Histogram;
+use super::lean_ring::{LeanRing, RingPtrs, Seg};
 pub use super::raw_ring::thread_cpu;
-use super::raw_ring::{
-    arm_interrupt, host, kick, kick_needed, raw_ring, read_at, write_at, Interrupts, RawRing,
-};
+use super::raw_ring::{host, read_at, write_at};
 use crate::frontend::device::data_base;
-use crate::frontend::queue::{DESC_F_NEXT, DESC_F_WRITE};
 use crate::frontend::Rings;
 
 const T_IN: u32 = 0;
 const T_OUT: u32 = 1;
 const STATUS_UNTOUCHED: u8 = 0xff;
-const DESCS_PER_REQUEST: u16 = 3;
 /// Bytes of guest RAM before a slot's data buffer: header at 0, status at 16.
 const SLOT_HEADER: u64 = 4096;
 
@@ -75,48 +74,55 @@ struct Slot {
 #[derive(Debug)]
 pub struct LeanBlk<R: Rings> {
     pub rings: R,
-    ring: RawRing,
+    ring: LeanRing,
     slots: Vec<Slot>,
     free: Vec<u16>,
     in_flight: Vec<bool>,
     submitted_at: Vec<u64>,
-    avail_idx: u16,
-    last_used: u16,
-    kick: RawFd,
-    interrupts: Interrupts,
     depth: u16,
     block: u32,
     write: bool,
-    event_idx: bool,
     sectors: u64,
     rng: u64,
     clock: Instant,
 }
 
 impl<R: Rings> LeanBlk<R> {
-    /// Sets up `depth` requests of `block` bytes on queue 0 of `rings`, spread over `capacity`
-    /// bytes of disk. The ring must be fresh (nothing in flight).
+    /// Sets up `depth` requests of `block` bytes on queue 0 of `rings` (split or packed), spread
+    /// over `capacity` bytes of disk. The ring must be fresh (nothing in flight).
     pub fn new(rings: R, depth: u16, block: u32, capacity: u64, write: bool) -> Result<Self> {
         let size = rings.setup().queue_size;
         ensure!(
-            depth >= 1 && u32::from(depth) * u32::from(DESCS_PER_REQUEST) <= u32::from(size),
+            depth >= 1 && u32::from(depth) * 3 <= u32::from(size),
             "queue of {size} cannot hold {depth} requests of three descriptors"
         );
         let mut rings = rings;
-        let event_idx = rings.has(29);
         let base = data_base(rings.setup());
         let stride = SLOT_HEADER + u64::from(block).div_ceil(4096) * 4096;
-        let ring = raw_ring(&mut rings, 0)?;
-        let (mem, q) = rings.mem_and_queue(0);
         let mut slots = Vec::new();
+        let mut chains = Vec::new();
         for i in 0..depth {
             let at = GuestAddress(base.0 + u64::from(i) * stride);
             let data = GuestAddress(at.0 + SLOT_HEADER);
-            let d = i * DESCS_PER_REQUEST;
-            let data_flags = if write { 0 } else { DESC_F_WRITE };
-            ring.write_desc(d, at.0, 16, DESC_F_NEXT, d + 1);
-            ring.write_desc(d + 1, data.0, block, data_flags | DESC_F_NEXT, d + 2);
-            ring.write_desc(d + 2, at.0 + 16, 1, DESC_F_WRITE, 0);
+            // Header, data, status: what each request's chain is, on either layout.
+            chains.push(vec![
+                Seg {
+                    addr: at.0,
+                    len: 16,
+                    write: false,
+                },
+                Seg {
+                    addr: data.0,
+                    len: block,
+                    write: !write,
+                },
+                Seg {
+                    addr: at.0 + 16,
+                    len: 1,
+                    write: true,
+                },
+            ]);
+            let mem = rings.ram().mem();
             let header = host(mem, at, 17)?;
             host(mem, data, block as usize)?;
             let kind = if write { T_OUT } else { T_IN };
@@ -128,11 +134,7 @@ impl<R: Rings> LeanBlk<R> {
                 status: header.wrapping_add(16),
             });
         }
-        let kick = q.kick.as_raw_fd();
-        let interrupts = Interrupts::new(q.call.as_raw_fd())?;
-        let avail_idx = ring.avail_idx().load(Ordering::Acquire);
-        let last_used = ring.used_idx().load(Ordering::Acquire);
-        ensure!(avail_idx == last_used, "ring has requests in flight");
+        let ring = LeanRing::new(&mut rings, 0, &chains)?;
         Ok(Self {
             rings,
             ring,
@@ -140,22 +142,18 @@ impl<R: Rings> LeanBlk<R> {
             free: (0..depth).rev().collect(),
             in_flight: vec![false; usize::from(depth)],
             submitted_at: vec![0; usize::from(depth)],
-            avail_idx,
-            last_used,
-            kick,
-            interrupts,
             depth,
             block,
             write,
-            event_idx,
             sectors: (capacity / u64::from(block)).max(1),
             rng: 0x2545_f491_4f6c_dd1d,
             clock: Instant::now(),
         })
     }
 
-    pub fn ring(&self) -> RawRing {
-        self.ring
+    /// The ring, for a device in this process (taken before the first run).
+    pub fn ring_ptrs(&self) -> RingPtrs {
+        self.ring.ptrs()
     }
 
     fn now_ns(&self) -> u64 {
@@ -169,13 +167,13 @@ impl<R: Rings> LeanBlk<R> {
         (self.rng % self.sectors) * u64::from(self.block) / 512
     }
 
-    /// Puts every free slot on the available ring, publishes and kicks if the device asks.
+    /// Makes every free slot available, publishes and kicks if the device asks.
     fn submit_all(&mut self, kicks: &mut u64) -> Result<()> {
         if self.free.is_empty() {
             return Ok(());
         }
         let now = self.now_ns();
-        let old = self.avail_idx;
+        let mark = self.ring.mark();
         // As Linux's virtqueue_add: each request is published as it is added (the device may
         // start on it at once); the kick decision waits for the end of the batch.
         while let Some(slot) = self.free.pop() {
@@ -187,57 +185,49 @@ impl<R: Rings> LeanBlk<R> {
             write_at(s.status, 0, STATUS_UNTOUCHED);
             self.in_flight[usize::from(slot)] = true;
             self.submitted_at[usize::from(slot)] = now;
-            self.ring
-                .avail_slot(self.avail_idx)
-                .store((slot * DESCS_PER_REQUEST).to_le(), Ordering::Relaxed);
-            self.avail_idx = self.avail_idx.wrapping_add(1);
-            self.ring
-                .avail_idx()
-                .store(self.avail_idx.to_le(), Ordering::Release);
+            self.ring.push(slot);
         }
-        // Order the index store before reading the device's suppression state (virtio_mb).
-        fence(Ordering::SeqCst);
-        if kick_needed(&self.ring, self.event_idx, self.avail_idx, old) {
-            kick(self.kick)?;
-            *kicks += 1;
-        }
-        Ok(())
+        self.ring.publish(mark, kicks)
     }
 
     /// Reaps every published completion; returns how many.
     fn reap(&mut self, lat: &mut Histogram) -> Result<u64> {
-        let used = u16::from_le(self.ring.used_idx().load(Ordering::Acquire));
-        if used == self.last_used {
+        let Self {
+            ring,
+            slots,
+            free,
+            in_flight,
+            submitted_at,
+            depth,
+            block,
+            write,
+            clock,
+            ..
+        } = self;
+        let done = ring.reap()?;
+        if done.is_empty() {
             return Ok(0);
         }
-        let now = self.now_ns();
-        let mut n = 0;
-        while self.last_used != used {
-            let (id, len) = self.ring.used_elem(self.last_used);
-            self.last_used = self.last_used.wrapping_add(1);
-            let slot = id / u32::from(DESCS_PER_REQUEST);
+        // The clock is read once per batch.
+        let now = clock.elapsed().as_nanos() as u64;
+        let expect = if *write { 1 } else { *block + 1 };
+        for &(slot, len) in done {
             ensure!(
-                id % u32::from(DESCS_PER_REQUEST) == 0
-                    && slot < u32::from(self.depth)
-                    && self.in_flight[slot as usize],
-                "device completed id {id}, which is not in flight"
+                slot < *depth && in_flight[usize::from(slot)],
+                "device completed request {slot}, which is not in flight"
             );
-            let slot = slot as u16;
-            let s = self.slots[usize::from(slot)];
             // The status byte lies in guest RAM; the device wrote it before publishing.
-            let status: u8 = read_at(s.status, 0);
+            let status: u8 = read_at(slots[usize::from(slot)].status, 0);
             ensure!(status == 0, "request failed with status {status}");
-            let expect = if self.write { 1 } else { self.block + 1 };
             ensure!(
                 len == expect || len == 0 || len == 1,
                 "used length {len} (expected {expect})"
             );
-            self.in_flight[usize::from(slot)] = false;
-            self.free.push(slot);
-            lat.record_n(now.saturating_sub(self.submitted_at[usize::from(slot)]), 1);
-            n += 1;
+            in_flight[usize::from(slot)] = false;
+            free.push(slot);
+            lat.record_n(now.saturating_sub(submitted_at[usize::from(slot)]), 1);
         }
-        Ok(n)
+        Ok(done.len() as u64)
     }
 
     /// Keeps `depth` requests in flight for `duration`, then lets every request finish.
@@ -264,22 +254,20 @@ impl<R: Rings> LeanBlk<R> {
                 match &mut how {
                     Completions::Inline(device) => device()?,
                     Completions::Interrupt => {
-                        // Re-arm, then look once more before sleeping (virtqueue_enable_cb).
-                        arm_interrupt(&self.ring, self.event_idx, self.last_used);
-                        fence(Ordering::SeqCst);
-                        if u16::from_le(self.ring.used_idx().load(Ordering::Acquire))
-                            != self.last_used
-                        {
+                        // Re-arm, then look once more before sleeping (virtqueue_enable_cb);
+                        // awake, no more interrupts until the next re-arm (virtblk_done).
+                        if self.ring.arm(0) {
+                            self.ring.disable();
                             continue;
                         }
-                        if !self.interrupts.wait(10_000)? {
+                        if !self.ring.wait(10_000)? {
                             bail!(
-                                "no interrupt within 10 s ({} in flight, used {}, avail {})",
+                                "no interrupt within 10 s ({} in flight; {})",
                                 usize::from(self.depth) - self.free.len(),
-                                self.last_used,
-                                self.avail_idx
+                                self.ring.state()
                             );
                         }
+                        self.ring.disable();
                         interrupts += 1;
                     }
                 }

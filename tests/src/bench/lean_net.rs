@@ -6,21 +6,18 @@
 //! `avail_event` asks, and interrupts are asked for after three quarters of what is in flight
 //! (Linux's `virtqueue_enable_cb_delayed` on transmit queues). Receive: buffers are posted
 //! once and reposted as soon as they come back; frames are counted from the used lengths and
-//! `num_buffers`, never copied. Nothing is allocated per frame.
+//! `num_buffers`, never copied. Nothing is allocated per frame. Split or packed rings, whichever
+//! the queues have (`lean_ring.rs`).
 
-use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
 use vm_memory::GuestAddress;
 
 use super::lean_blk::Completions;
-use super::raw_ring::{
-    arm_interrupt, host, kick, kick_needed, raw_ring, read_at, thread_cpu, Interrupts, RawRing,
-};
+use super::lean_ring::{LeanRing, RingPtrs, Seg};
+use super::raw_ring::{host, read_at, thread_cpu};
 use crate::frontend::device::data_base;
-use crate::frontend::queue::DESC_F_WRITE;
 use crate::frontend::Rings;
 
 /// Bytes of the virtio-net header with VERSION_1 / MRG_RXBUF.
@@ -40,97 +37,11 @@ pub struct NetSample {
     pub interrupts: u64,
 }
 
-/// One direction's ring as the driver keeps it.
-#[derive(Debug)]
-struct DriverRing {
-    ring: RawRing,
-    event_idx: bool,
-    avail_idx: u16,
-    last_used: u16,
-    kick: RawFd,
-    interrupts: Interrupts,
-}
-
-impl DriverRing {
-    fn new<R: Rings>(rings: &mut R, q: u16) -> Result<Self> {
-        let ring = raw_ring(rings, q)?;
-        let event_idx = rings.has(29);
-        let dq = rings.queue(q);
-        let avail_idx = u16::from_le(ring.avail_idx().load(Ordering::Acquire));
-        let last_used = u16::from_le(ring.used_idx().load(Ordering::Acquire));
-        ensure!(avail_idx == last_used, "queue {q} has buffers in flight");
-        Ok(Self {
-            ring,
-            event_idx,
-            avail_idx,
-            last_used,
-            kick: dq.kick.as_raw_fd(),
-            interrupts: Interrupts::new(dq.call.as_raw_fd())?,
-        })
-    }
-
-    /// Adds a buffer and publishes it at once, as Linux's virtqueue_add does.
-    fn push(&mut self, desc: u16) {
-        self.ring
-            .avail_slot(self.avail_idx)
-            .store(desc.to_le(), Ordering::Relaxed);
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.ring
-            .avail_idx()
-            .store(self.avail_idx.to_le(), Ordering::Release);
-    }
-
-    /// Ends a batch pushed since `old`: kicks if the device asks.
-    fn publish(&mut self, old: u16, kicks: &mut u64) -> Result<()> {
-        if old == self.avail_idx {
-            return Ok(());
-        }
-        fence(Ordering::SeqCst);
-        if kick_needed(&self.ring, self.event_idx, self.avail_idx, old) {
-            kick(self.kick)?;
-            *kicks += 1;
-        }
-        Ok(())
-    }
-
-    /// Both sides' indexes, for a failure message.
-    fn state(&self) -> String {
-        let r = &self.ring;
-        format!(
-            "driver avail {} last used {}; ring avail {} used {} used_event {} avail_event {} used flags {}",
-            self.avail_idx,
-            self.last_used,
-            u16::from_le(r.avail_idx().load(Ordering::Relaxed)),
-            u16::from_le(r.used_idx().load(Ordering::Relaxed)),
-            u16::from_le(r.used_event().load(Ordering::Relaxed)),
-            u16::from_le(r.avail_event().load(Ordering::Relaxed)),
-            u16::from_le(r.used_flags().load(Ordering::Relaxed)),
-        )
-    }
-
-    fn used_idx(&self) -> u16 {
-        u16::from_le(self.ring.used_idx().load(Ordering::Acquire))
-    }
-
-    /// Asks for an interrupt once `later + 1` more buffers are used (the used index passes
-    /// `last_used + later`), then looks once more. Returns true if something was used meanwhile
-    /// (do not sleep).
-    fn arm(&self, later: u16) -> bool {
-        arm_interrupt(
-            &self.ring,
-            self.event_idx,
-            self.last_used.wrapping_add(later),
-        );
-        fence(Ordering::SeqCst);
-        self.used_idx() != self.last_used
-    }
-}
-
 /// Transmit with `slots` frames in flight at most.
 #[derive(Debug)]
 pub struct LeanTx<R: Rings> {
     pub rings: R,
-    ring: DriverRing,
+    ring: LeanRing,
     slots: u16,
     free: Vec<u16>,
     frame_bytes: u64,
@@ -145,19 +56,23 @@ impl<R: Rings> LeanTx<R> {
             slots >= 1 && slots <= size,
             "{slots} slots on a queue of {size}"
         );
-        let ring = DriverRing::new(&mut rings, TX_QUEUE)?;
         let base = data_base(rings.setup());
         let stride = (wire.len() as u64).div_ceil(4096) * 4096;
         let mem = rings.ram().mem();
+        let mut chains = Vec::new();
         for i in 0..slots {
             let at = GuestAddress(base.0 + u64::from(i) * stride);
             let p = host(mem, at, wire.len())?;
             // SAFETY: `p` points at `wire.len()` bytes of guest RAM (checked by `host`), which
             // nothing else touches while the driver is being set up.
             unsafe { std::ptr::copy_nonoverlapping(wire.as_ptr(), p, wire.len()) };
-            let len = u32::try_from(wire.len())?;
-            ring.ring.write_desc(i, at.0, len, 0, 0);
+            chains.push(vec![Seg {
+                addr: at.0,
+                len: u32::try_from(wire.len())?,
+                write: false,
+            }]);
         }
+        let ring = LeanRing::new(&mut rings, TX_QUEUE, &chains)?;
         Ok(Self {
             rings,
             ring,
@@ -167,20 +82,21 @@ impl<R: Rings> LeanTx<R> {
         })
     }
 
+    /// The ring, for a device in this process (taken before the first run).
+    pub fn ring_ptrs(&self) -> RingPtrs {
+        self.ring.ptrs()
+    }
+
     fn reap(&mut self) -> Result<u64> {
-        let used = self.ring.used_idx();
-        let mut n = 0;
-        while self.ring.last_used != used {
-            let (id, _) = self.ring.ring.used_elem(self.ring.last_used);
-            self.ring.last_used = self.ring.last_used.wrapping_add(1);
+        let done = self.ring.reap()?;
+        for &(id, _) in done {
             ensure!(
-                id < u32::from(self.slots) && !self.free.contains(&(id as u16)),
+                !self.free.contains(&id),
                 "device completed transmit slot {id}, which is not in flight"
             );
-            self.free.push(id as u16);
-            n += 1;
+            self.free.push(id);
         }
-        Ok(n)
+        Ok(done.len() as u64)
     }
 
     pub fn run(&mut self, duration: Duration, mut how: Completions<'_>) -> Result<NetSample> {
@@ -192,11 +108,11 @@ impl<R: Rings> LeanTx<R> {
         loop {
             s.frames += self.reap()?;
             if sending {
-                let old = self.ring.avail_idx;
+                let mark = self.ring.mark();
                 while let Some(slot) = self.free.pop() {
                     self.ring.push(slot);
                 }
-                self.ring.publish(old, &mut s.kicks)?;
+                self.ring.publish(mark, &mut s.kicks)?;
                 if Instant::now() >= end {
                     sending = false;
                 }
@@ -214,13 +130,15 @@ impl<R: Rings> LeanTx<R> {
                     // the interrupt comes with the completion after that index).
                     let in_flight = self.slots - self.free.len() as u16;
                     if self.ring.arm(in_flight * 3 / 4) {
+                        self.ring.disable();
                         continue;
                     }
                     ensure!(
-                        self.ring.interrupts.wait(10_000)?,
+                        self.ring.wait(10_000)?,
                         "no transmit completion within 10 s: {}",
                         self.ring.state()
                     );
+                    self.ring.disable();
                     s.interrupts += 1;
                 }
             }
@@ -236,8 +154,7 @@ impl<R: Rings> LeanTx<R> {
 #[derive(Debug)]
 pub struct LeanRx<R: Rings> {
     pub rings: R,
-    ring: DriverRing,
-    buffers: u16,
+    ring: LeanRing,
     mergeable: bool,
     /// Host address of each buffer's `num_buffers` field.
     num_buffers_at: Vec<*mut u8>,
@@ -253,49 +170,44 @@ impl<R: Rings> LeanRx<R> {
             "{buffers} buffers on a queue of {size}"
         );
         let mergeable = rings.has(crate::frontend::net::F_MRG_RXBUF);
-        let mut ring = DriverRing::new(&mut rings, RX_QUEUE)?;
         // Receive buffers go above the transmit slots' area.
         let base = data_base(rings.setup()).0 + (64 << 20);
         let mem = rings.ram().mem();
         let mut num_buffers_at = Vec::new();
+        let mut chains = Vec::new();
         for i in 0..buffers {
             let at = GuestAddress(base + u64::from(i) * u64::from(buf_len));
             let p = host(mem, at, buf_len as usize)?;
             num_buffers_at.push(p.wrapping_add(10));
-            ring.ring.write_desc(i, at.0, buf_len, DESC_F_WRITE, 0);
+            chains.push(vec![Seg {
+                addr: at.0,
+                len: buf_len,
+                write: true,
+            }]);
         }
-        let old = ring.avail_idx;
+        let mut ring = LeanRing::new(&mut rings, RX_QUEUE, &chains)?;
+        let mark = ring.mark();
         for i in 0..buffers {
             ring.push(i);
         }
         let mut kicks = 0;
-        ring.publish(old, &mut kicks)?;
+        ring.publish(mark, &mut kicks)?;
         Ok(Self {
             rings,
             ring,
-            buffers,
             mergeable,
             num_buffers_at,
             continuing: 0,
         })
     }
 
-    /// Takes every used buffer, counts frames, and reposts the buffers.
+    /// Takes every used buffer, counts frames, and reposts the buffers (once their headers are
+    /// read: a reposted buffer may be filled again at once).
     fn reap(&mut self, s: &mut NetSample) -> Result<u64> {
-        let used = self.ring.used_idx();
-        if used == self.ring.last_used {
-            return Ok(0);
-        }
-        let old = self.ring.avail_idx;
+        let mark = self.ring.mark();
         let mut n = 0;
-        while self.ring.last_used != used {
-            let (id, len) = self.ring.ring.used_elem(self.ring.last_used);
-            self.ring.last_used = self.ring.last_used.wrapping_add(1);
-            ensure!(
-                id < u32::from(self.buffers),
-                "device used receive buffer {id}, which it was never given"
-            );
-            let id = id as u16;
+        // The ring refuses ids it never gave out: every id here is one of the buffers.
+        for &(id, len) in self.ring.reap()? {
             if self.continuing > 0 {
                 self.continuing -= 1;
                 s.bytes += u64::from(len);
@@ -310,9 +222,9 @@ impl<R: Rings> LeanRx<R> {
                 n += 1;
                 s.bytes += u64::from(len).saturating_sub(HDR_LEN as u64);
             }
-            self.ring.push(id);
         }
-        self.ring.publish(old, &mut s.kicks)?;
+        self.ring.repost_reaped();
+        self.ring.publish(mark, &mut s.kicks)?;
         Ok(n)
     }
 
@@ -327,9 +239,11 @@ impl<R: Rings> LeanRx<R> {
                 continue;
             }
             if self.ring.arm(0) {
+                self.ring.disable();
                 continue;
             }
-            if self.ring.interrupts.wait(20)? {
+            if self.ring.wait(20)? {
+                self.ring.disable();
                 s.interrupts += 1;
             }
         }

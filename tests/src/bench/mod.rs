@@ -8,17 +8,23 @@ pub mod guest;
 mod guest_report;
 pub mod histogram;
 pub mod instant;
+pub mod instant_packed;
 pub mod lean_blk;
 pub mod lean_net;
+mod lean_packed;
+pub mod lean_ring;
 pub mod net;
 pub mod pingpong;
+pub mod raw_packed;
 pub mod raw_ring;
 pub mod report;
 mod report_blk;
 mod report_net;
+mod report_rings;
 pub mod stats;
 pub mod svg;
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::time::Duration;
 
@@ -27,7 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use blk::{Backend, BlkCase, BlkPlacement, BlkPoint, Engine};
 use cpu::Cpus;
-use net::{NetPlacement, NetPoint};
+use net::{Direction, NetCase, NetPlacement, NetPoint};
 
 /// How much to run.
 #[derive(Debug, Clone)]
@@ -43,6 +49,8 @@ pub struct Options {
     pub guest: bool,
     /// Words every point's description must contain (empty: every point).
     pub filter: Vec<String>,
+    /// Only the points measured on both ring layouts, split and packed (both of each pair).
+    pub ring_pairs: bool,
     /// Extra arguments for the daemons in the out-of-process placements.
     pub daemon_args: Vec<String>,
 }
@@ -57,6 +65,33 @@ impl Options {
 impl Options {
     pub fn duration(&self) -> Duration {
         Duration::from_secs_f64(self.seconds)
+    }
+
+    /// Of `cases` (described by `describe`), those to run: wanted by the filter, and with
+    /// `ring_pairs` only those whose twin on the other ring layout is among `cases` too.
+    fn select<C>(
+        &self,
+        cases: Vec<C>,
+        describe: impl Fn(&C) -> String,
+        twin: impl Fn(&C) -> C,
+    ) -> Vec<C> {
+        let all: HashSet<String> = cases.iter().map(&describe).collect();
+        cases
+            .into_iter()
+            .filter(|c| {
+                let what = describe(c);
+                self.wanted(&what) && (!self.ring_pairs || all.contains(&describe(&twin(c))))
+            })
+            .collect()
+    }
+}
+
+/// The word a point's description carries for its ring layout (`--filter packed`, `split`).
+pub(crate) fn ring_word(packed: bool) -> &'static str {
+    if packed {
+        "packed"
+    } else {
+        "split"
     }
 }
 
@@ -159,8 +194,9 @@ fn median_net(runs: &[NetPoint]) -> NetPoint {
 const POLL_US: u64 = 50;
 
 /// The block cases of the suite: every placement (and the driver's ceiling) on the null
-/// device and on a tmpfs file, at each queue depth and CPU placement; then block sizes,
-/// EVENT_IDX off, busy polling and the io_uring engine beside the default.
+/// device and on a tmpfs file, at each queue depth and CPU placement, with packed-ring twins
+/// where asked for; then block sizes, EVENT_IDX off, busy polling and the io_uring engine
+/// beside the default.
 fn blk_cases(quick: bool) -> Vec<BlkCase> {
     use BlkPlacement::*;
     let mut v = Vec::new();
@@ -175,6 +211,18 @@ fn blk_cases(quick: bool) -> Vec<BlkCase> {
         poll_us: 0,
         stats: true,
         dirty_log: false,
+        packed: false,
+    };
+    // Packed virtqueues beside split ones (the point right before), where the backend offers
+    // them: the daemon and the driver's ceiling at QD1/32/64 on each CPU placement, in-process
+    // at QD32; in quick mode QD32 only.
+    let packed_twin = |p: BlkPlacement, qd: u32| {
+        let depths: &[u32] = if quick { &[32] } else { &[1, 32, 64] };
+        match p {
+            OutOfProcess | DriverCeiling => depths.contains(&qd),
+            InProcessDirect | InProcessThreaded => !quick && qd == 32,
+            QemuStorageDaemon | ContribVhostUserBlk => false,
+        }
     };
     let contrib = blk::contrib_binary().is_some();
     if !contrib {
@@ -198,6 +246,12 @@ fn blk_cases(quick: bool) -> Vec<BlkCase> {
                     continue; // no second thread to place
                 }
                 v.push(case(p, Backend::Null, qd, cpus));
+                if packed_twin(p, qd) {
+                    v.push(BlkCase {
+                        packed: true,
+                        ..case(p, Backend::Null, qd, cpus)
+                    });
+                }
                 let counting_pair = match p {
                     OutOfProcess => !quick || cpus == Cpus::One,
                     // One thread, no wake-ups: the steadiest view of the counters' CPU cost.
@@ -232,6 +286,12 @@ fn blk_cases(quick: bool) -> Vec<BlkCase> {
                     continue;
                 }
                 v.push(case(p, Backend::Tmpfs, qd, cpus));
+                if p == OutOfProcess && !quick && packed_twin(p, qd) {
+                    v.push(BlkCase {
+                        packed: true,
+                        ..case(p, Backend::Tmpfs, qd, cpus)
+                    });
+                }
                 if p == OutOfProcess && qd == 32 && !quick {
                     // Right after the main point: what counting costs, and what migration's
                     // dirty logging costs, side by side.
@@ -334,10 +394,11 @@ fn blk_suite(opts: &Options) -> Result<Vec<BlkPoint>> {
     let d = opts.duration();
     let image = blk::TmpfsImage::create("bench", blk::CAPACITY)?;
     let mut blk_points = Vec::new();
-    for case in blk_cases(opts.quick) {
-        if !opts.wanted(&case.describe()) {
-            continue;
-        }
+    let cases = opts.select(blk_cases(opts.quick), BlkCase::describe, |c| BlkCase {
+        packed: !c.packed,
+        ..*c
+    });
+    for case in cases {
         let p = repeat(
             opts.reps,
             || blk::run(case, &image.0, d, &opts.daemon_args),
@@ -356,19 +417,32 @@ fn blk_suite(opts: &Options) -> Result<Vec<BlkPoint>> {
     Ok(blk_points)
 }
 
-/// Net transmit: every placement per frame size and CPU placement, then busy polling.
-fn net_tx_suite(opts: &Options) -> Result<Vec<NetPoint>> {
-    let d = opts.duration();
-    let mut net_tx = Vec::new();
-    let (sizes, placements): (&[usize], &[Cpus]) = if opts.quick {
+/// Whether a net point has a packed twin right after it: the daemon and the driver's ceiling,
+/// 64-byte frames, no busy polling.
+fn net_packed_twin(p: NetPlacement, size: usize, poll: u64) -> bool {
+    size == 64 && poll == 0 && matches!(p, NetPlacement::OutOfProcess | NetPlacement::DriverCeiling)
+}
+
+/// Net transmit: every placement per frame size and CPU placement (64-byte frames on packed
+/// rings too), then busy polling.
+fn net_tx_cases(quick: bool) -> Vec<NetCase> {
+    let (sizes, placements): (&[usize], &[Cpus]) = if quick {
         (&[64, 65536], &[Cpus::One, Cpus::TwoPinned])
     } else {
         (&[64, 1514, 65536], &Cpus::ALL)
     };
+    let case = |placement, frame, cpus, poll_us| NetCase {
+        placement,
+        direction: Direction::Tx,
+        frame,
+        cpus,
+        poll_us,
+        packed: false,
+    };
     let mut cases = Vec::new();
     for &size in sizes {
         // One thread writing to a TAP has no second party to place.
-        cases.push((NetPlacement::RawTapWrite, size, Cpus::One, 0));
+        cases.push(case(NetPlacement::RawTapWrite, size, Cpus::One, 0));
         for &cpus in placements {
             for p in [
                 NetPlacement::DriverCeiling,
@@ -379,25 +453,73 @@ fn net_tx_suite(opts: &Options) -> Result<Vec<NetPoint>> {
                 if p == NetPlacement::InProcessDirect && cpus != Cpus::One {
                     continue;
                 }
-                cases.push((p, size, cpus, 0));
+                cases.push(case(p, size, cpus, 0));
+                if net_packed_twin(p, size, 0) {
+                    cases.push(NetCase {
+                        packed: true,
+                        ..case(p, size, cpus, 0)
+                    });
+                }
             }
         }
     }
     for p in [NetPlacement::InProcessThreaded, NetPlacement::OutOfProcess] {
-        cases.push((p, 64, Cpus::TwoPinned, POLL_US));
+        cases.push(case(p, 64, Cpus::TwoPinned, POLL_US));
     }
-    for (p, size, cpus, poll) in cases {
-        let what = format!("net tx {p:?} {size}B {cpus:?} poll={poll}");
-        if !opts.wanted(&what) {
-            continue;
+    cases
+}
+
+/// Net receive through the daemon, per frame size and CPU placement (64-byte frames on packed
+/// rings too).
+fn net_rx_cases(quick: bool) -> Vec<NetCase> {
+    let (sizes, placements): (&[usize], &[Cpus]) = if quick {
+        (&[64], &[Cpus::TwoPinned])
+    } else {
+        (&[64, 1514, 65536], &Cpus::ALL)
+    };
+    let mut cases = Vec::new();
+    for &frame in sizes {
+        for &cpus in placements {
+            let case = NetCase {
+                placement: NetPlacement::OutOfProcess,
+                direction: Direction::Rx,
+                frame,
+                cpus,
+                poll_us: 0,
+                packed: false,
+            };
+            cases.push(case);
+            if net_packed_twin(case.placement, frame, 0) {
+                cases.push(NetCase {
+                    packed: true,
+                    ..case
+                });
+            }
         }
+    }
+    cases
+}
+
+/// The other ring layout's twin of a net case.
+fn net_twin(c: &NetCase) -> NetCase {
+    NetCase {
+        packed: !c.packed,
+        ..*c
+    }
+}
+
+fn net_tx_suite(opts: &Options) -> Result<Vec<NetPoint>> {
+    let d = opts.duration();
+    let mut net_tx = Vec::new();
+    for case in opts.select(net_tx_cases(opts.quick), NetCase::describe, net_twin) {
         let point = repeat(
             opts.reps,
-            || net::run_tx(p, size, cpus, poll, d, &opts.daemon_args),
+            || net::run_tx(case, d, &opts.daemon_args),
             median_net,
         )?;
         eprintln!(
-            "{what}: {:.0} frames/s {:.2} Gbit/s, CPU/frame {:.2}+{:.2} us",
+            "{}: {:.0} frames/s {:.2} Gbit/s, CPU/frame {:.2}+{:.2} us",
+            case.describe(),
             point.frames_per_sec,
             point.gbit_per_sec,
             point.cpu_us_per_frame_driver,
@@ -408,36 +530,25 @@ fn net_tx_suite(opts: &Options) -> Result<Vec<NetPoint>> {
     Ok(net_tx)
 }
 
-/// Net receive through the daemon, per frame size and CPU placement.
 fn net_rx_suite(opts: &Options) -> Result<Vec<NetPoint>> {
     let d = opts.duration();
     let mut net_rx = Vec::new();
-    let (sizes, placements): (&[usize], &[Cpus]) = if opts.quick {
-        (&[64], &[Cpus::TwoPinned])
-    } else {
-        (&[64, 1514, 65536], &Cpus::ALL)
-    };
-    for &size in sizes {
-        for &cpus in placements {
-            let what = format!("net rx OutOfProcess {size}B {cpus:?}");
-            if !opts.wanted(&what) {
-                continue;
-            }
-            let p = repeat(
-                opts.reps,
-                || net::run_rx(NetPlacement::OutOfProcess, size, cpus, d, &opts.daemon_args),
-                median_net,
-            )?;
-            eprintln!(
-                "{what}: {:.0} frames/s of {:.0} injected (injector alone {:.0}), CPU/frame {:.2}+{:.2} us",
-                p.frames_per_sec,
-                p.injected_frames_per_sec,
-                p.injector_alone_frames_per_sec,
-                p.cpu_us_per_frame_driver,
-                p.cpu_us_per_frame_device
-            );
-            net_rx.push(p);
-        }
+    for case in opts.select(net_rx_cases(opts.quick), NetCase::describe, net_twin) {
+        let p = repeat(
+            opts.reps,
+            || net::run_rx(case, d, &opts.daemon_args),
+            median_net,
+        )?;
+        eprintln!(
+            "{}: {:.0} frames/s of {:.0} injected (injector alone {:.0}), CPU/frame {:.2}+{:.2} us",
+            case.describe(),
+            p.frames_per_sec,
+            p.injected_frames_per_sec,
+            p.injector_alone_frames_per_sec,
+            p.cpu_us_per_frame_driver,
+            p.cpu_us_per_frame_device
+        );
+        net_rx.push(p);
     }
     Ok(net_rx)
 }

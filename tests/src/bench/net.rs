@@ -3,7 +3,8 @@
 //! vhost-user), beside one thread writing the same frames to a TAP (the kernel crossing alone)
 //! and an instant device (the driver's own ceiling); receive through the daemon (and in-process
 //! on a worker thread) from injector threads that send frames into the TAP with `sendmmsg`,
-//! whose own rate is measured alone and reported beside.
+//! whose own rate is measured alone and reported beside. Split virtqueues, or packed ones
+//! (`packed`: the daemon and the instant device; the in-process placements follow the rings).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -11,18 +12,19 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use bulkhead_common::local::{DirectQueue, LocalRing, ThreadedQueue};
-use bulkhead_common::vring::RingAddrs;
+use bulkhead_common::vring::{Layout, RingAddrs};
 use bulkhead_common::Device;
 use serde::{Deserialize, Serialize};
 use vhost_user_net::tap::TapQueue;
 use vhost_user_net::{NetDevice, NetOptions};
 
 use super::cpu::{pin, pin_threads, process_cpu, threads_cpu, wait_threads_named, Cpus};
-use super::instant::{InstantDevice, InstantThread};
+use super::instant::{InstantBackend, InstantThread};
 use super::lean_blk::Completions;
 use super::lean_net::{LeanRx, LeanTx, NetSample};
 use super::raw_ring::thread_cpu;
 use crate::fixture::NetFixture;
+use crate::frontend::device::F_RING_PACKED;
 use crate::frontend::{Connection, Frontend, LocalRings, Setup};
 use crate::netload::{frame, raw_tap_write};
 use crate::netns::NetNs;
@@ -65,6 +67,10 @@ pub struct NetPoint {
     pub frame: usize,
     pub cpus: Cpus,
     pub poll_us: u64,
+    /// Packed virtqueues (VIRTIO_F_RING_PACKED) instead of split (reports from before packed
+    /// rings measured split ones).
+    #[serde(default)]
+    pub packed: bool,
     pub frames_per_sec: f64,
     pub gbit_per_sec: f64,
     pub cpu_us_per_frame_driver: f64,
@@ -98,8 +104,9 @@ const WARM_UP: Duration = Duration::from_millis(100);
 const INJECTORS: usize = 2;
 const INJECT_BATCH: usize = 64;
 
-fn setup() -> Setup {
+fn setup(packed: bool) -> Setup {
     Setup {
+        packed,
         queues: 2,
         queue_size: QUEUE_SIZE,
         device_features: FEATURES,
@@ -118,25 +125,46 @@ fn wire(size: usize) -> Vec<u8> {
     w
 }
 
+/// What a net point is: where, which way, how big, on which CPUs, busy-polling how long, on
+/// which ring layout.
+#[derive(Debug, Clone, Copy)]
+pub struct NetCase {
+    pub placement: NetPlacement,
+    pub direction: Direction,
+    pub frame: usize,
+    pub cpus: Cpus,
+    pub poll_us: u64,
+    pub packed: bool,
+}
+
+impl NetCase {
+    /// One line naming the point (what `--filter` matches).
+    pub fn describe(&self) -> String {
+        let ring = super::ring_word(self.packed);
+        match self.direction {
+            Direction::Tx => format!(
+                "net tx {:?} {}B {:?} poll={} ring={ring}",
+                self.placement, self.frame, self.cpus, self.poll_us
+            ),
+            Direction::Rx => format!(
+                "net rx {:?} {}B {:?} ring={ring}",
+                self.placement, self.frame, self.cpus
+            ),
+        }
+    }
+}
+
 /// A point from what was measured.
-#[allow(clippy::too_many_arguments)]
-fn point(
-    placement: NetPlacement,
-    direction: Direction,
-    size: usize,
-    cpus: Cpus,
-    poll_us: u64,
-    s: &NetSample,
-    cpu_device: Duration,
-) -> NetPoint {
+fn point(case: NetCase, s: &NetSample, cpu_device: Duration) -> NetPoint {
     let n = s.frames.max(1) as f64;
     let secs = s.elapsed.as_secs_f64().max(1e-9);
     NetPoint {
-        placement,
-        direction,
-        frame: size,
-        cpus,
-        poll_us,
+        placement: case.placement,
+        direction: case.direction,
+        frame: case.frame,
+        cpus: case.cpus,
+        poll_us: case.poll_us,
+        packed: case.packed,
         frames_per_sec: s.frames as f64 / secs,
         gbit_per_sec: s.bytes as f64 * 8.0 / secs / 1e9,
         cpu_us_per_frame_driver: s.driver_cpu.as_secs_f64() * 1e6 / n,
@@ -148,7 +176,7 @@ fn point(
     }
 }
 
-fn in_process_device(ns: &NetNs) -> Result<(NetDevice, LocalRings)> {
+fn in_process_device(ns: &NetNs, packed: bool) -> Result<(NetDevice, LocalRings)> {
     let taps = ns.run_in(|| {
         let t = TapQueue::open_all("benchtap0", 1)?;
         t[0].set_up()?;
@@ -164,7 +192,19 @@ fn in_process_device(ns: &NetNs) -> Result<(NetDevice, LocalRings)> {
     );
     let features = dev.features() & FEATURES;
     dev.set_features(features)?;
-    Ok((dev, LocalRings::new(setup(), features)?))
+    Ok((
+        dev,
+        LocalRings::new(setup(packed), features | ring_feature(packed))?,
+    ))
+}
+
+/// VIRTIO_F_RING_PACKED when `packed`: the in-process rings' features say the layout too.
+fn ring_feature(packed: bool) -> u64 {
+    if packed {
+        F_RING_PACKED
+    } else {
+        0
+    }
 }
 
 fn local_ring(rings: &LocalRings, q: usize) -> LocalRing {
@@ -178,24 +218,33 @@ fn local_ring(rings: &LocalRings, q: usize) -> LocalRing {
         },
         event_idx: true,
         indirect: true,
-        layout: bulkhead_common::vring::Layout::Split,
+        layout: if dq.is_packed() {
+            Layout::Packed
+        } else {
+            Layout::Split
+        },
     }
 }
 
-/// Transmit through `placement`, the device busy-polling `poll_us` (daemon and threaded).
-pub fn run_tx(
-    placement: NetPlacement,
-    size: usize,
-    cpus: Cpus,
-    poll_us: u64,
-    duration: Duration,
-    daemon_args: &[String],
-) -> Result<NetPoint> {
+/// Transmit as `case` says, the device busy-polling `poll_us` (daemon and threaded).
+pub fn run_tx(case: NetCase, duration: Duration, daemon_args: &[String]) -> Result<NetPoint> {
+    let NetCase {
+        placement,
+        frame: size,
+        cpus,
+        poll_us,
+        packed,
+        ..
+    } = case;
+    anyhow::ensure!(
+        case.direction == Direction::Tx,
+        "{case:?} is not a transmit case"
+    );
     cpus.place_driver(super::cpu_count())?;
-    let p =
-        |s: &NetSample, dev: Duration| point(placement, Direction::Tx, size, cpus, poll_us, s, dev);
+    let p = |s: &NetSample, dev: Duration| point(case, s, dev);
     match placement {
         NetPlacement::RawTapWrite => {
+            anyhow::ensure!(!packed, "a raw TAP write has no ring");
             let ns = NetNs::create("bench")?;
             let c0 = thread_cpu();
             let r = raw_tap_write(&ns, size, duration)?;
@@ -209,12 +258,11 @@ pub fn run_tx(
             Ok(p(&s, Duration::ZERO))
         }
         NetPlacement::DriverCeiling => {
-            let mut rings = LocalRings::new(setup(), FEATURES)?;
-            let ring = super::raw_ring::raw_ring(&mut rings, 1)?;
+            let rings = LocalRings::new(setup(packed), FEATURES | ring_feature(packed))?;
             let call = std::os::fd::AsRawFd::as_raw_fd(&rings.queues[1].call);
-            let dev =
-                InstantDevice::new(ring, rings.ram.mem().clone(), call, true).without_status();
+            let mem = rings.ram.mem().clone();
             let mut d = LeanTx::new(rings, TX_SLOTS, &wire(size))?;
+            let dev = InstantBackend::new(d.ring_ptrs(), mem, call, true).without_status();
             if cpus == Cpus::One {
                 let mut dev = dev;
                 let mut step = || dev.step().map(|_| ());
@@ -230,7 +278,7 @@ pub fn run_tx(
         }
         NetPlacement::InProcessDirect => {
             let ns = NetNs::create("bench")?;
-            let (dev, rings) = in_process_device(&ns)?;
+            let (dev, rings) = in_process_device(&ns, packed)?;
             let ring = local_ring(&rings, 1);
             let mut q = DirectQueue::new(
                 dev.queue_handler(1, FEATURES)?,
@@ -253,7 +301,7 @@ pub fn run_tx(
         }
         NetPlacement::InProcessThreaded => {
             let ns = NetNs::create("bench")?;
-            let (dev, rings) = in_process_device(&ns)?;
+            let (dev, rings) = in_process_device(&ns, packed)?;
             let ring = local_ring(&rings, 1);
             let dq = &rings.queues[1];
             let w = ThreadedQueue::spawn(
@@ -278,7 +326,7 @@ pub fn run_tx(
             let mut args = vec!["--poll-us", poll.as_str()];
             args.extend(daemon_args.iter().map(String::as_str));
             let fx = NetFixture::start(&args)?;
-            let fe = Frontend::start(Connection::connect(&fx.socket)?, setup())?;
+            let fe = Frontend::start(Connection::connect(&fx.socket)?, setup(packed))?;
             let mut d = LeanTx::new(fe, TX_SLOTS, &wire(size))?;
             cpus.place_device_process(fx.daemon.pid())?;
             d.run(WARM_UP, Completions::Interrupt)?;
@@ -365,15 +413,19 @@ fn injector_cpu(cpus: Cpus) -> Option<usize> {
     }
 }
 
-/// Receive through the daemon (`OutOfProcess`) or a worker thread in the harness
-/// (`InProcessThreaded`) from the injector.
-pub fn run_rx(
-    placement: NetPlacement,
-    size: usize,
-    cpus: Cpus,
-    duration: Duration,
-    daemon_args: &[String],
-) -> Result<NetPoint> {
+/// Receive through the daemon (`OutOfProcess`) from the injector.
+pub fn run_rx(case: NetCase, duration: Duration, daemon_args: &[String]) -> Result<NetPoint> {
+    let NetCase {
+        placement,
+        frame: size,
+        cpus,
+        packed,
+        ..
+    } = case;
+    anyhow::ensure!(
+        case.direction == Direction::Rx,
+        "{case:?} is not a receive case"
+    );
     cpus.place_driver(super::cpu_count())?;
     let args: Vec<&str> = daemon_args.iter().map(String::as_str).collect();
     let fx = NetFixture::start(&args)?;
@@ -384,7 +436,7 @@ pub fn run_rx(
     let alone = alone.stop()?;
     let (s, cpu_device) = match placement {
         NetPlacement::OutOfProcess => {
-            let fe = Frontend::start(Connection::connect(&fx.socket)?, setup())?;
+            let fe = Frontend::start(Connection::connect(&fx.socket)?, setup(packed))?;
             let mut d = LeanRx::new(fe, RX_BUFFERS, RX_BUF_LEN)?;
             cpus.place_device_process(fx.daemon.pid())?;
             let inj = Injector::start(&fx, size, injector_cpu(cpus))?;
@@ -398,7 +450,7 @@ pub fn run_rx(
         other => anyhow::bail!("receive is measured through the daemon, not {other:?}"),
     };
     let (s, injected) = s;
-    let mut p = point(placement, Direction::Rx, size, cpus, 0, &s, cpu_device);
+    let mut p = point(case, &s, cpu_device);
     p.injected_frames_per_sec = injected;
     p.injector_alone_frames_per_sec = alone;
     Ok(p)

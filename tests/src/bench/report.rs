@@ -20,6 +20,7 @@ pub fn targets(r: &Report) -> Vec<Target> {
     let mut t = Vec::new();
     super::report_blk::targets(r, &mut t);
     super::report_net::targets(r, &mut t);
+    super::report_rings::targets(r, &mut t);
     t
 }
 

@@ -1,5 +1,6 @@
 //! The block part of the report: tables per backend and CPU placement, the driver-ceiling check,
-//! the block targets and the block plots.
+//! the block targets and the block plots (all on split rings; packed ones are compared in
+//! `report_rings.rs`).
 
 use std::fmt::Write as _;
 
@@ -38,6 +39,7 @@ fn main_point(
             && x.engine == Engine::Default
             && x.stats
             && !x.dirty_log
+            && !x.packed
     })
 }
 
@@ -48,6 +50,7 @@ fn is_main(p: &BlkPoint) -> bool {
         && p.engine == Engine::Default
         && p.stats
         && !p.dirty_log
+        && !p.packed
 }
 
 /// Migration's dirty logging on beside the main grid (logging off), point by point.
@@ -140,6 +143,7 @@ fn best_backend(r: &Report, backend: Backend, qd: u32, cpus: Cpus) -> Option<&Bl
                 && x.block == 4096
                 && x.event_idx
                 && x.poll_us == 0
+                && !x.packed
         })
         .max_by(|a, b| a.ops_per_sec.total_cmp(&b.ops_per_sec))
 }
@@ -309,10 +313,11 @@ pub fn markdown(r: &Report, s: &mut String) {
     }
     counting_cost(r, s);
     logging_cost(r, s);
+    super::report_rings::blk_markdown(r, s);
     let other: Vec<&BlkPoint> = r
         .blk
         .iter()
-        .filter(|p| !is_main(p) && p.stats && !p.dirty_log)
+        .filter(|p| !is_main(p) && p.stats && !p.dirty_log && !p.packed)
         .collect();
     if !other.is_empty() {
         let _ = writeln!(s, "\n## Block, other points\n\n| placement | backend | engine | block | QD | CPUs | EVENT_IDX | busy-poll µs | ops/s | MiB/s | p50 µs | p99 µs | CPU µs/op driver + device |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");

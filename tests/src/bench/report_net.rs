@@ -1,6 +1,6 @@
 //! The network part of the report: transmit per CPU placement against one thread's raw TAP
 //! writes and the driver's ceiling, receive against what the injector offered, the network
-//! targets and plots.
+//! targets and plots (all on split rings; packed ones are compared in `report_rings.rs`).
 
 use std::fmt::Write as _;
 
@@ -23,6 +23,7 @@ fn tx(r: &Report, p: NetPlacement, size: usize, cpus: Cpus) -> Option<&NetPoint>
         x.placement == p
             && x.frame == size
             && x.poll_us == 0
+            && !x.packed
             && (x.cpus == cpus || p == NetPlacement::RawTapWrite)
     })
 }
@@ -70,7 +71,7 @@ pub fn targets(r: &Report, t: &mut Vec<Target>) {
             met: Some(out.gbit_per_sec >= 15.0),
         });
     }
-    for p in r.net_rx.iter().filter(|p| p.frame == 64) {
+    for p in r.net_rx.iter().filter(|p| p.frame == 64 && !p.packed) {
         let ratio = p.frames_per_sec / p.injected_frames_per_sec.max(1.0);
         t.push(Target {
             what: format!(
@@ -135,7 +136,7 @@ pub fn markdown(r: &Report, s: &mut String) {
         if !r
             .net_tx
             .iter()
-            .any(|p| p.cpus == cpus && p.placement != NetPlacement::RawTapWrite)
+            .any(|p| p.cpus == cpus && p.placement != NetPlacement::RawTapWrite && !p.packed)
         {
             continue;
         }
@@ -186,9 +187,9 @@ pub fn markdown(r: &Report, s: &mut String) {
             );
         }
     }
-    if !r.net_rx.is_empty() {
+    if r.net_rx.iter().any(|p| !p.packed) {
         let _ = writeln!(s, "\n## Net receive through vhost-user-net (frames injected into the TAP by {} sender threads with sendmmsg)\n\n| frame | CPUs | frames/s | Gbit/s | injected frames/s | received ÷ injected (bytes) | injector alone frames/s | CPU µs/frame driver + device | interrupts/frame |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |", 2);
-        for p in &r.net_rx {
+        for p in r.net_rx.iter().filter(|p| !p.packed) {
             let _ = writeln!(
                 s,
                 "| {} | {} | {:.0} | {:.2} | {:.0} | {:.0} % | {:.0} | {:.2} + {:.2} | {:.3} |",
@@ -205,6 +206,7 @@ pub fn markdown(r: &Report, s: &mut String) {
             );
         }
     }
+    super::report_rings::net_markdown(r, s);
 }
 
 /// `(file name, svg)`: transmit rate relative to raw TAP writes, per CPU placement.

@@ -1,6 +1,7 @@
 //! bulkhead-bench: what moving a driver out of the VMM costs, measured side by side in one run.
 //!   bulkhead-bench --out DIR            the default suite (a few minutes)
 //!   bulkhead-bench --quick --out DIR    a smoke run (seconds)
+//!   bulkhead-bench --ring-pairs --no-guest --out DIR   split vs packed virtqueues only
 //!   bulkhead-bench --render DIR/report.json --out DIR   re-render report.md and the plots
 //! Writes DIR/report.json, DIR/report.md and DIR/*.svg. Needs root (TAP, namespaces), the built
 //! daemons next to this binary, qemu-storage-daemon for the peer comparison, and QEMU with the
@@ -41,6 +42,11 @@ struct Args {
     /// `OutOfProcess Null Default qd32 4096B TwoPinned`) contains every one of these words.
     #[arg(long, value_delimiter = ',', value_name = "WORD")]
     filter: Vec<String>,
+    /// Keep only the points measured on both ring layouts, each split point with its packed
+    /// twin (`ring=split` / `ring=packed` in the descriptions; combine with --filter, e.g.
+    /// `--ring-pairs --filter TwoPinned`).
+    #[arg(long)]
+    ring_pairs: bool,
     /// Pass this argument to the daemons in the out-of-process placements (repeatable), e.g.
     /// `--daemon-arg=--completions --daemon-arg=batched` to compare a policy.
     #[arg(long = "daemon-arg", value_name = "ARG", allow_hyphen_values = true)]
@@ -74,6 +80,7 @@ fn main() -> Result<()> {
         net: a.only.is_empty() || a.only.contains(&Section::Net),
         guest: !a.no_guest && (a.only.is_empty() || a.only.contains(&Section::Guest)),
         filter: a.filter,
+        ring_pairs: a.ring_pairs,
         daemon_args: a.daemon_args,
     };
     let report = run_suite(opts, &a.out)?;
