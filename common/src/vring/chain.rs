@@ -154,7 +154,8 @@ pub fn walk(
     }
 }
 
-fn indirect_entries(len: u32, queue_size: u16) -> Result<u16, ChainError> {
+/// Entries of an indirect table of `len` bytes (both layouts' descriptors are 16 bytes).
+pub(super) fn indirect_entries(len: u32, queue_size: u16) -> Result<u16, ChainError> {
     if len == 0 || u64::from(len) % DESC_SIZE != 0 {
         return Err(ChainError::BadIndirectLength(len));
     }

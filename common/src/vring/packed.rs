@@ -26,7 +26,7 @@ use vm_memory::GuestAddress;
 
 use super::chain::{ChainError, Desc, DESC_SIZE};
 use super::packed_chain::{self, Limits, PackedDesc, Pos};
-use super::split::{AvailChain, RingAddrs, RingError, MAX_QUEUE_SIZE};
+use super::split::{check_part, AvailChain, RingAddrs, RingError, MAX_QUEUE_SIZE};
 use super::written::Written;
 use crate::dirty_log::DirtyLog;
 use crate::guest_access::GuestAccess;
@@ -588,19 +588,4 @@ impl PackedRing {
         }
         Ok(())
     }
-}
-
-fn check_part(
-    mem: &GuestMemory,
-    addr: GuestAddress,
-    len: u64,
-    align: u64,
-    what: &'static str,
-) -> Result<(), RingError> {
-    use vm_memory::GuestMemoryBackend;
-    let len = usize::try_from(len).map_err(|_| RingError::BadAddress(what))?;
-    if !addr.0.is_multiple_of(align) || !mem.check_range(addr, len) {
-        return Err(RingError::BadAddress(what));
-    }
-    Ok(())
 }

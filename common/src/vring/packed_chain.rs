@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 
 use vm_memory::{ByteValued, GuestAddress};
 
-use super::chain::{ChainError, Desc, DESC_SIZE};
+use super::chain::{indirect_entries, ChainError, Desc, DESC_SIZE};
 use crate::guest_access::GuestAccess;
 
 pub const F_NEXT: u16 = 1;
@@ -248,15 +248,4 @@ pub fn buffers(
         }
     }
     Ok(())
-}
-
-fn indirect_entries(len: u32, queue_size: u16) -> Result<u16, ChainError> {
-    if len == 0 || u64::from(len) % DESC_SIZE != 0 {
-        return Err(ChainError::BadIndirectLength(len));
-    }
-    let entries = u64::from(len) / DESC_SIZE;
-    if entries > u64::from(queue_size) {
-        return Err(ChainError::TooLong);
-    }
-    u16::try_from(entries).map_err(|_| ChainError::TooLong)
 }

@@ -492,7 +492,8 @@ fn ring_bytes(elem_size: u64, n: u64) -> u64 {
         .saturating_add(2)
 }
 
-fn check_part(
+/// Checks that a ring part of `len` bytes at `addr` is `align`-aligned guest memory.
+pub(super) fn check_part(
     mem: &GuestMemory,
     addr: GuestAddress,
     len: u64,

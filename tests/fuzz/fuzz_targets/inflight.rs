@@ -38,22 +38,9 @@ fuzz_target!(|input: Input| {
         packed(&input);
         return;
     }
-    let fresh = InflightRegion::create(QUEUES, SIZE).expect("region");
-    let fd = fresh.fd().try_clone_to_owned().expect("dup");
-    let file = std::fs::File::from(fd.try_clone().expect("dup"));
-    let len = fresh.mmap_size() as usize;
-    let bytes: Vec<u8> = input
-        .region
-        .iter()
-        .copied()
-        .chain(std::iter::repeat(0))
-        .take(len)
-        .collect();
-    file.write_all_at(&bytes, 0).expect("write");
-    let Ok(region) = InflightRegion::adopt(fd, fresh.mmap_size(), 0, QUEUES, SIZE) else {
+    let Some(region) = handed_back(Layout::Split, &input.region) else {
         return;
     };
-    let region = Arc::new(region);
     let Ok(mut q) = region.queue(u16::from(input.queue % 3), SIZE) else {
         return;
     };
@@ -80,25 +67,29 @@ fuzz_target!(|input: Input| {
     }
 });
 
-/// A region handed back with arbitrary bytes, recovered and tracked in the packed layout.
-fn packed(input: &Input) {
-    let fresh = InflightRegion::create_in(Layout::Packed, QUEUES, SIZE).expect("region");
+/// A region of `layout` as a frontend might hand it back: our size, arbitrary bytes.
+fn handed_back(layout: Layout, content: &[u8]) -> Option<Arc<InflightRegion>> {
+    let fresh = InflightRegion::create_in(layout, QUEUES, SIZE).expect("region");
     let fd = fresh.fd().try_clone_to_owned().expect("dup");
     let file = std::fs::File::from(fd.try_clone().expect("dup"));
-    let len = fresh.mmap_size() as usize;
-    let bytes: Vec<u8> = input
-        .region
+    let size = fresh.mmap_size();
+    let bytes: Vec<u8> = content
         .iter()
         .copied()
         .chain(std::iter::repeat(0))
-        .take(len)
+        .take(size as usize)
         .collect();
     file.write_all_at(&bytes, 0).expect("write");
-    let size = fresh.mmap_size();
-    let Ok(region) = InflightRegion::adopt_in(Layout::Packed, fd, size, 0, QUEUES, SIZE) else {
+    InflightRegion::adopt_in(layout, fd, size, 0, QUEUES, SIZE)
+        .ok()
+        .map(Arc::new)
+}
+
+/// A region handed back with arbitrary bytes, recovered and tracked in the packed layout.
+fn packed(input: &Input) {
+    let Some(region) = handed_back(Layout::Packed, &input.region) else {
         return;
     };
-    let region = Arc::new(region);
     let Ok(mut q) = PackedInflightQueue::new(&region, u16::from(input.queue % 3), SIZE) else {
         return;
     };
