@@ -23,6 +23,9 @@ if ((${#missing[@]})); then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
+# QEMU 10.0 from bookworm-backports, unpacked under target/ for the live-migration tests only
+# (QEMU 7.2's TCG migrations corrupt guests whatever the backend; see the script).
+bash "$(dirname "$0")/migration-qemu.sh" > /dev/null
 # QEMU's contrib vhost-user-blk, the block benchmark's libvhost-user peer (built once, cached in target/).
 bash "$(dirname "$0")/peers/build-contrib-vhost-user-blk.sh"
 # libvirtd re-probes QEMU's capabilities on every lookup (about a minute per `virsh define`) when

@@ -16,7 +16,7 @@
 
 use std::fs::File;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vm_memory::{FileOffset, MmapRegion};
@@ -44,6 +44,10 @@ pub enum LogError {
 #[derive(Debug)]
 pub struct DirtyLog {
     map: MmapRegion<()>,
+    /// Pages whose bit this daemon turned from clear to set (the control socket's
+    /// `dirty_pages_logged`): the frontend clears bits as it syncs, so over a migration this is
+    /// how many page copies the daemon's writes caused. Added to once per `mark` call.
+    newly_marked: Option<Arc<AtomicU64>>,
     /// The frontend may shrink the file under us: the mapping is guarded like guest memory.
     /// Declared after `map`, so the mapping goes first.
     _guard: Option<crate::revoke::Guard>,
@@ -81,7 +85,17 @@ impl DirtyLog {
         )
         .map_err(LogError::Mmap)?;
         let _guard = crate::revoke::guard(map.as_ptr(), len);
-        Ok(Self { map, _guard })
+        Ok(Self {
+            map,
+            newly_marked: None,
+            _guard,
+        })
+    }
+
+    /// Counts the pages this log's marks turn from clear to set into `counter`.
+    pub fn counting_into(mut self, counter: Arc<AtomicU64>) -> Self {
+        self.newly_marked = Some(counter);
+        self
     }
 
     /// Bytes of the bitmap.
@@ -114,17 +128,20 @@ impl DirtyLog {
         let first = gpa / LOG_PAGE;
         let last = gpa.saturating_add(len.saturating_sub(1)) / LOG_PAGE;
         let mut page = first;
+        let mut newly: u64 = 0;
         while page <= last {
-            match self.byte(page / 8) {
-                Some(b) => {
-                    b.fetch_or(1 << (page % 8), Ordering::Relaxed);
-                }
-                None => return,
+            let Some(b) = self.byte(page / 8) else { break };
+            let bit = 1u8 << (page % 8);
+            if b.fetch_or(bit, Ordering::Relaxed) & bit == 0 {
+                newly = newly.saturating_add(1);
             }
             page = page.saturating_add(1);
             if page == 0 {
-                return;
+                break;
             }
+        }
+        if let (Some(counter), 1..) = (&self.newly_marked, newly) {
+            counter.fetch_add(newly, Ordering::Relaxed);
         }
     }
 
@@ -205,6 +222,22 @@ mod tests {
         log.mark(7 * LOG_PAGE, 3 * LOG_PAGE);
         assert!(log.is_marked(7) && log.is_marked(8) && log.is_marked(9));
         assert!(!log.is_marked(10));
+    }
+
+    #[test]
+    fn only_pages_turned_from_clear_to_set_are_counted() {
+        let (log, _f) = log_of(4096);
+        let counter = Arc::new(AtomicU64::new(0));
+        let log = log.counting_into(Arc::clone(&counter));
+        log.mark(0, 3 * LOG_PAGE);
+        assert_eq!(counter.load(Ordering::Relaxed), 3);
+        // Pages 1 and 2 are already set (the frontend has not synced): only page 3 is new.
+        log.mark(LOG_PAGE, 3 * LOG_PAGE);
+        assert_eq!(counter.load(Ordering::Relaxed), 4);
+        // The frontend's sync clears a bit; the next write to that page counts again.
+        log.byte(0).unwrap().fetch_and(!1, Ordering::Relaxed);
+        log.mark(10, 1);
+        assert_eq!(counter.load(Ordering::Relaxed), 5);
     }
 
     #[test]

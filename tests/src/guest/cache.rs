@@ -27,7 +27,8 @@ pub(crate) fn cache_dir() -> Result<PathBuf> {
     Ok(dir)
 }
 
-fn target_dir() -> Result<PathBuf> {
+/// The workspace's target directory (`$CARGO_TARGET_DIR` or `<workspace>/target`).
+pub(crate) fn target_dir() -> Result<PathBuf> {
     let workspace = workspace_root()?;
     match std::env::var_os("CARGO_TARGET_DIR") {
         // A relative CARGO_TARGET_DIR is relative to where cargo ran; the workspace root is the

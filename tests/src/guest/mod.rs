@@ -35,7 +35,9 @@ mod vm;
 
 pub use conversation::CmdOutput;
 pub use kit::GuestKit;
-pub use migration::{incoming_uri, make_migratable, migrate, MigrationPace};
+pub use migration::{
+    incoming_uri, make_migratable, migrate, migration_qemu, one_migration_at_a_time, MigrationPace,
+};
 pub use qemu::QemuConfig;
 pub use qmp::{MigrationStats, Qmp};
 pub use vm::Guest;
