@@ -8,9 +8,9 @@
 //! before the write could be consumed by the frontend's sync before the data landed.
 //!
 //! The log may be replaced while queues run (a second migration, memory hot-plug): workers take
-//! the current one per pass, and an old one is unmapped when the last pass using it ends. When
-//! logging is off nothing is marked and workers do not even look at the log (one relaxed load
-//! per pass).
+//! up the current one at their next completion (`log_cursor`), and an old one is unmapped when
+//! the last worker holding it let go. When logging is off nothing is marked and workers only
+//! compare a generation counter per completion.
 
 #![warn(clippy::arithmetic_side_effects, clippy::indexing_slicing)]
 
@@ -161,6 +161,9 @@ pub struct LogState {
     /// the migration tests, proving they can see data the log missed; the guest's rings stay
     /// consistent, so what it gets is stale data rather than a hang).
     broken: AtomicBool,
+    /// Counts changes to what workers should mark into (logging on or off, a new log, a used
+    /// ring's logging address); workers compare it at every completion.
+    generation: AtomicU64,
     current: Mutex<Option<Arc<DirtyLog>>>,
 }
 
@@ -171,6 +174,18 @@ impl LogState {
 
     pub fn set_enabled(&self, on: bool) {
         self.enabled.store(on, Ordering::Release);
+        self.changed();
+    }
+
+    /// Tells the workers that what they mark into changed (see `generation`).
+    pub fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// The count of changes so far.
+    #[inline]
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     pub fn set_broken_for_tests(&self, broken: bool) {
@@ -182,16 +197,17 @@ impl LogState {
         !self.broken.load(Ordering::Relaxed)
     }
 
-    /// Installs a new log; the old one is unmapped once no pass uses it any more.
+    /// Installs a new log; the old one is unmapped once no worker holds it any more.
     pub fn replace(&self, log: Option<DirtyLog>) {
         if let Ok(mut g) = self.current.lock() {
             *g = log.map(Arc::new);
         }
+        self.changed();
     }
 
-    /// The log to mark into during one pass: `None` (without touching the lock) unless logging
-    /// is on and a log was given.
-    pub fn for_pass(&self) -> Option<Arc<DirtyLog>> {
+    /// The log to mark into: `None` (without touching the lock) unless logging is on and a log
+    /// was given.
+    pub fn current(&self) -> Option<Arc<DirtyLog>> {
         if !self.enabled.load(Ordering::Acquire) {
             return None;
         }
@@ -276,19 +292,28 @@ mod tests {
     }
 
     #[test]
-    fn a_replaced_log_lives_until_the_last_pass_that_holds_it_ends() {
+    fn a_replaced_log_lives_until_the_last_holder_lets_go_and_every_change_counts() {
         let state = LogState::new();
+        let g0 = state.generation();
         state.set_enabled(true);
         let (first, _f1) = log_of(4096);
         state.replace(Some(first));
-        let pass = state.for_pass().unwrap();
+        let held = state.current().unwrap();
+        let g1 = state.generation();
+        assert!(g1 > g0);
         let (second, _f2) = log_of(4096);
         state.replace(Some(second));
-        // The pass still marks into the log it started with, which is still mapped.
-        pass.mark(0, 1);
-        assert!(pass.is_marked(0));
-        assert!(!state.for_pass().unwrap().is_marked(0));
+        assert!(
+            state.generation() > g1,
+            "a replaced log is a change workers must see"
+        );
+        // A worker that has not looked yet still marks into the log it holds, still mapped.
+        held.mark(0, 1);
+        assert!(held.is_marked(0));
+        assert!(!state.current().unwrap().is_marked(0));
+        let g2 = state.generation();
         state.set_enabled(false);
-        assert!(state.for_pass().is_none());
+        assert!(state.generation() > g2);
+        assert!(state.current().is_none());
     }
 }

@@ -25,6 +25,7 @@ pub mod inflight;
 pub mod inflight_packed;
 pub mod iov;
 pub mod local;
+mod log_cursor;
 pub mod logging;
 pub mod memfd;
 pub mod memory;

@@ -12,6 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::{Progress, QueueCtx, QueueHandler};
 use crate::guest_access::GuestAccess;
+use crate::log_cursor::LogCursor;
 use crate::memory::GuestMemory;
 use crate::notify::Signal;
 use crate::pipeline::Pipeline;
@@ -53,6 +54,7 @@ pub struct DirectQueue<H: QueueHandler> {
     pipeline: Pipeline,
     mem: GuestAccess,
     call: Signal,
+    log: LogCursor,
 }
 
 impl<H: QueueHandler> DirectQueue<H> {
@@ -65,6 +67,7 @@ impl<H: QueueHandler> DirectQueue<H> {
             pipeline: Pipeline::adaptive(),
             mem: GuestAccess::new(Arc::new(mem)),
             call: Signal::new(),
+            log: LogCursor::unlogged(),
         })
     }
 
@@ -76,6 +79,7 @@ impl<H: QueueHandler> DirectQueue<H> {
             &mut self.tracking,
             &mut self.pipeline,
             &self.call,
+            &mut self.log,
         );
         let progress = self.handler.process(&mut ctx)?;
         ctx.flush()?;
@@ -90,6 +94,7 @@ impl<H: QueueHandler> DirectQueue<H> {
             &mut self.tracking,
             &mut self.pipeline,
             &self.call,
+            &mut self.log,
         );
         self.handler.drain(&mut ctx)?;
         ctx.flush()?;
@@ -129,10 +134,7 @@ impl ThreadedQueue {
             poll,
             pipeline: Pipeline::adaptive(),
             view: None,
-            log: Arc::new(crate::dirty_log::LogState::new()),
-            used_log: Arc::new(std::sync::atomic::AtomicU64::new(
-                crate::worker::NO_USED_LOG,
-            )),
+            log: LogCursor::unlogged(),
             progress: Arc::default(),
         };
         Ok(Self {

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use crate::guest_access::GuestAccess;
 use crate::inflight::InflightQueue;
 use crate::inflight_packed::PackedInflightQueue;
+use crate::log_cursor::LogCursor;
 use crate::memory::GuestMemory;
 use crate::notify::Signal;
 use crate::pipeline::Pipeline;
@@ -84,6 +85,7 @@ pub struct QueueCtx<'a> {
     tracking: &'a mut Tracking,
     pipeline: &'a mut Pipeline,
     call: &'a Signal,
+    log: &'a mut LogCursor,
     /// Used elements written but not yet published.
     unpublished: u32,
 }
@@ -95,6 +97,7 @@ impl<'a> QueueCtx<'a> {
         tracking: &'a mut Tracking,
         pipeline: &'a mut Pipeline,
         call: &'a Signal,
+        log: &'a mut LogCursor,
     ) -> Self {
         Self {
             mem,
@@ -102,6 +105,7 @@ impl<'a> QueueCtx<'a> {
             tracking,
             pipeline,
             call,
+            log,
             unpublished: 0,
         }
     }
@@ -161,6 +165,8 @@ impl<'a> QueueCtx<'a> {
     /// Returns a chain to the guest with `len` bytes written into it. Pipelined, it is
     /// published at once and the guest interrupted if it waits for it.
     pub fn complete(&mut self, head: u16, len: u32) -> Result<(), RingError> {
+        // A migration may have started (or its log been replaced) since the pass began.
+        self.log.refresh(self.ring);
         if !self.ring.push_used(self.mem, head, len)? {
             return Ok(());
         }
@@ -216,6 +222,8 @@ impl<'a> QueueCtx<'a> {
 
     /// Ends a pass: publishes what is left and interrupts the guest if it wants to be.
     pub fn flush(&mut self) -> Result<(), RingError> {
+        // The used index and event writes that follow go to the current log too.
+        self.log.refresh(self.ring);
         if self.unpublished > 0 {
             self.publish()?;
         }

@@ -4,7 +4,6 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -14,9 +13,9 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::{Progress, QueueCtx, QueueHandler};
-use crate::dirty_log::LogState;
 use crate::guest_access::GuestAccess;
 use crate::guest_warn;
+use crate::log_cursor::LogCursor;
 use crate::memory::GuestMemory;
 use crate::notify::Signal;
 use crate::pipeline::Pipeline;
@@ -61,27 +60,16 @@ pub(crate) struct WorkerSpec<H> {
     pub pipeline: Pipeline,
     /// The fast view of the current guest memory snapshot, rebuilt when the snapshot changes.
     pub view: Option<Arc<GuestAccess>>,
-    /// The session's dirty-log state (migration).
-    pub log: Arc<LogState>,
-    /// Guest physical address the used ring is logged at (`u64::MAX`: not logged); the
-    /// frontend may set it while the ring runs.
-    pub used_log: Arc<AtomicU64>,
+    /// Where completions are marked while the frontend migrates.
+    pub log: LogCursor,
     /// Where the ring stands, for the control socket's `status`.
     pub progress: Arc<crate::control::state::QueueProgress>,
 }
 
-/// No used-ring logging address.
-pub(crate) const NO_USED_LOG: u64 = u64::MAX;
-
 /// The view of the snapshot `spec.mem` holds now (rebuilt only when the table changed), with the
-/// ring set up to log for this pass if the frontend is migrating.
+/// ring set up to log if the frontend is migrating.
 fn view<H>(spec: &mut WorkerSpec<H>) -> Arc<GuestAccess> {
-    let log = spec.log.for_pass();
-    let used_log = match spec.used_log.load(Ordering::Relaxed) {
-        NO_USED_LOG => None,
-        at => Some(at),
-    };
-    spec.ring.set_log(log, used_log, spec.log.buffers_logged());
+    spec.log.refresh(&mut spec.ring);
     let mem = spec.mem.memory().into_inner();
     match &spec.view {
         Some(v) if v.is_of(&mem) => Arc::clone(v),
@@ -259,6 +247,7 @@ fn process_once<H: QueueHandler>(
         &mut spec.tracking,
         &mut spec.pipeline,
         &spec.call,
+        &mut spec.log,
     );
     spec.handler.process(&mut ctx)?;
     ctx.flush()
@@ -292,6 +281,7 @@ fn pass_inner<H: QueueHandler>(
             &mut spec.tracking,
             &mut spec.pipeline,
             &spec.call,
+            &mut spec.log,
         );
         let progress = spec.handler.process(&mut ctx)?;
         ctx.flush()?;
@@ -312,6 +302,7 @@ fn finish<H: QueueHandler>(spec: &mut WorkerSpec<H>) {
         &mut spec.tracking,
         &mut spec.pipeline,
         &spec.call,
+        &mut spec.log,
     );
     let result = spec
         .handler

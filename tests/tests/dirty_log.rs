@@ -23,7 +23,7 @@ fn pages(addr: u64, len: u32) -> impl Iterator<Item = u64> {
 }
 
 /// Ample time for a worker to end the pass it is in (no busy polling: `--poll-us` is 0).
-const PASS_END: std::time::Duration = std::time::Duration::from_millis(100);
+const PASS_END: Duration = Duration::from_millis(100);
 
 /// One read and one write through `fx`, with logging on; returns what should and should not
 /// be marked, and the log.
@@ -31,10 +31,9 @@ fn blk_round(ring: &Setup, extra: &[&str]) -> Result<(DirtyLogShm, Vec<u64>, Vec
     let fx = BlkFixture::start(16 * MIB, extra)?;
     let mut d = fx.driver(ring.clone(), 8, 64 * 1024)?;
     d.write(0, 64, &pattern(3, 64 * 1024))?;
+    // No pause: a worker takes up logging at its next completion, even one still in the pass
+    // that completed the write.
     let log = d.fe.start_dirty_log()?;
-    // The worker takes up logging at its next pass: let the pass that completed the write end
-    // first (the driver sees the completion before the worker has left that pass).
-    std::thread::sleep(PASS_END);
     let mut must = Vec::new();
     let mut must_not = Vec::new();
     for op in [
@@ -128,8 +127,9 @@ fn nothing_is_logged_once_logging_stops_and_a_replaced_log_takes_over() -> Resul
             .unwrap();
     let second = DirtyLogShm::new(ram)?;
     d.fe.set_log_base(&second)?;
-    // The worker picks the new log up at its next pass: let the pass that completed the last
-    // read end first (the driver sees the completion before the worker has left that pass).
+    // The worker takes the new log up at its next completion, but the pass that completed the
+    // last read may still write its used ring's event index into the old one after the driver
+    // saw the completion: let that pass end before the old log is checked for silence.
     std::thread::sleep(PASS_END);
     first.clear();
     d.read(0, 8, 4096)?;

@@ -39,7 +39,7 @@ impl QueueSlot {
             enabled: false,
             worker: None,
             used_log: Arc::new(std::sync::atomic::AtomicU64::new(
-                crate::worker::NO_USED_LOG,
+                crate::log_cursor::NO_USED_LOG,
             )),
         }
     }
@@ -152,8 +152,10 @@ impl<D: Device> Session<D> {
             poll: self.opts.poll,
             pipeline: crate::pipeline::Pipeline::new(self.opts.completions),
             view: None,
-            log: Arc::clone(&self.log),
-            used_log: Arc::clone(&slot.used_log),
+            log: crate::log_cursor::LogCursor::new(
+                Arc::clone(&self.log),
+                Arc::clone(&slot.used_log),
+            ),
             progress: self.state.queue(i),
         };
         match Worker::spawn(spec) {

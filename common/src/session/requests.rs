@@ -123,7 +123,7 @@ impl<D: Device> Session<D> {
                 let used_log = if a.flags & VRING_F_LOG != 0 {
                     a.log
                 } else {
-                    crate::worker::NO_USED_LOG
+                    crate::log_cursor::NO_USED_LOG
                 };
                 let slot = self.slot(i)?;
                 if slot.worker.is_some() {
@@ -133,7 +133,9 @@ impl<D: Device> Session<D> {
                         return Err(RequestError::QueueRunning(i));
                     }
                     slot.used_log
-                        .store(used_log, std::sync::atomic::Ordering::Relaxed);
+                        .store(used_log, std::sync::atomic::Ordering::Release);
+                    // The worker takes it up at its next completion.
+                    self.log.changed();
                     return Ok(Reply::Ack);
                 }
                 // Memory comes first (QEMU's order): rings outside it are refused outright.

@@ -3,14 +3,20 @@
 //! The TAP is read only while the guest has posted enough buffers for the largest frame it may
 //! deliver; otherwise the frame stays in the kernel's (bounded) TAP queue and reading resumes on
 //! the guest's next kick. With MRG_RXBUF a frame spreads over as many chains as it needs and
-//! `num_buffers` says how many; chains are completed in order. Buffers taken for a frame but not
-//! filled are put back on the ring.
+//! `num_buffers` says how many; chains are completed in order.
+//!
+//! When the TAP runs dry the buffers gathered for the next frame stay with the queue, ready, for
+//! the frame that wakes it: under load the device drains the TAP and sleeps many times a second,
+//! and gathering the largest frame's worth of chains again at each wake-up (17 chains of 4 KiB
+//! for a 64 KiB frame) cost more than reading the frame. They go back to the engine (to be
+//! taken again first) when the guest's memory table changes, when there are too few of them to
+//! wait with, and when the queue stops.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bulkhead_common::vring::{AvailChain, Desc, RingError};
-use bulkhead_common::{guest_warn, Progress, QueueCtx, QueueHandler};
+use bulkhead_common::{guest_warn, GuestMemory, Progress, QueueCtx, QueueHandler};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::stats::QueueStats;
@@ -39,18 +45,25 @@ pub struct RxQueue {
     max_frame: usize,
     descs: Vec<Desc>,
     buffers: VecDeque<Buffer>,
+    /// Sum of `buffers`' capacities.
+    prefetched: usize,
     iovs: VecDeque<libc::iovec>,
+    /// The guest memory snapshot `iovs` point into, kept mapped while they are held.
+    iovs_in: Option<Arc<GuestMemory>>,
     scratch: Vec<libc::iovec>,
+    /// `spread`'s output, reused.
+    used: Vec<u32>,
 }
 
-// SAFETY: the iovecs are scratch pointers into guest memory, valid for one pass and used only on
-// the queue's own thread.
+// SAFETY: the iovecs point into the guest memory snapshot `iovs_in` keeps mapped; they are used
+// only on the queue's own thread, and rebuilt when a pass sees another snapshot.
 unsafe impl Send for RxQueue {}
 
-/// How a frame's bytes spread over buffers of the given capacities: bytes per buffer used.
-pub fn spread(len: usize, capacities: impl IntoIterator<Item = u32>) -> Vec<u32> {
+/// How a frame's bytes spread over buffers of the given capacities: bytes per buffer used, into
+/// `out` (cleared first).
+pub fn spread(len: usize, capacities: impl IntoIterator<Item = u32>, out: &mut Vec<u32>) {
+    out.clear();
     let mut left = len;
-    let mut out = Vec::new();
     for cap in capacities {
         let take = left.min(cap as usize);
         out.push(u32::try_from(take).unwrap_or(u32::MAX));
@@ -59,7 +72,6 @@ pub fn spread(len: usize, capacities: impl IntoIterator<Item = u32>) -> Vec<u32>
             break;
         }
     }
-    out
 }
 
 impl RxQueue {
@@ -78,13 +90,20 @@ impl RxQueue {
             max_frame,
             descs: Vec::new(),
             buffers: VecDeque::new(),
+            prefetched: 0,
             iovs: VecDeque::new(),
+            iovs_in: None,
             scratch: Vec::new(),
+            used: Vec::new(),
         }
     }
 
-    fn prefetched(&self) -> usize {
-        self.buffers.iter().map(|b| b.capacity as usize).sum()
+    /// The oldest gathered buffer, gone.
+    fn pop_buffer(&mut self) -> Option<Buffer> {
+        let b = self.buffers.pop_front()?;
+        self.iovs.drain(..b.iov_count.min(self.iovs.len()));
+        self.prefetched = self.prefetched.saturating_sub(b.capacity as usize);
+        Some(b)
     }
 
     /// Takes chains until they can hold the largest frame (or one chain without MRG_RXBUF).
@@ -92,7 +111,7 @@ impl RxQueue {
     fn fill(&mut self, ctx: &mut QueueCtx<'_>) -> Result<bool, RingError> {
         loop {
             let enough = if self.mergeable {
-                self.prefetched() >= self.max_frame
+                self.prefetched >= self.max_frame
             } else {
                 !self.buffers.is_empty()
             };
@@ -139,10 +158,15 @@ impl RxQueue {
                 continue;
             }
             let num_buffers_at = byte_address(&self.descs, NUM_BUFFERS_OFFSET);
+            if self.buffers.is_empty() {
+                self.iovs_in = Some(ctx.mem_arc());
+            }
             self.iovs.extend(self.scratch.iter().copied());
+            let capacity = u32::try_from(capacity).unwrap_or(u32::MAX);
+            self.prefetched = self.prefetched.saturating_add(capacity as usize);
             self.buffers.push_back(Buffer {
                 chain,
-                capacity: u32::try_from(capacity).unwrap_or(u32::MAX),
+                capacity,
                 num_buffers_at,
                 iov_count: self.scratch.len(),
             });
@@ -180,12 +204,26 @@ impl RxQueue {
             return Ok(false);
         }
         let n = n.unsigned_abs();
-        let used = spread(
+        let mut used = std::mem::take(&mut self.used);
+        spread(
             n,
             self.buffers
                 .iter()
                 .map(|b| if self.mergeable { b.capacity } else { u32::MAX }),
+            &mut used,
         );
+        let result = self.complete_frame(ctx, n, &used);
+        self.used = used;
+        result.map(|()| true)
+    }
+
+    /// Completes the buffers a frame of `n` bytes filled (`used`: bytes per buffer).
+    fn complete_frame(
+        &mut self,
+        ctx: &mut QueueCtx<'_>,
+        n: usize,
+        used: &[u32],
+    ) -> Result<(), RingError> {
         let used_count = used.len().max(1);
         let first = self.buffers.front().copied();
         if self.hdr_len == HDR_LEN {
@@ -197,27 +235,27 @@ impl RxQueue {
                 }
             }
         }
-        for len in &used {
-            let Some(b) = self.buffers.pop_front() else {
+        for len in used {
+            let Some(b) = self.pop_buffer() else {
                 break;
             };
-            self.iovs.drain(..b.iov_count.min(self.iovs.len()));
             ctx.complete(b.chain.head, *len)?;
         }
         if used.is_empty() {
-            if let Some(b) = self.buffers.pop_front() {
-                self.iovs.drain(..b.iov_count.min(self.iovs.len()));
+            if let Some(b) = self.pop_buffer() {
                 ctx.complete(b.chain.head, 0)?;
             }
         }
         self.stats.packet(n.saturating_sub(self.hdr_len));
-        Ok(true)
+        Ok(())
     }
 
     /// Gives back chains taken but not filled, so they are taken again next time (the engine
     /// keeps them; chains completed meanwhile are not among them).
     fn put_back(&mut self, ctx: &mut QueueCtx<'_>) -> Result<(), RingError> {
         self.iovs.clear();
+        self.iovs_in = None;
+        self.prefetched = 0;
         for b in self.buffers.drain(..) {
             ctx.put_back(&b.chain)?;
         }
@@ -243,6 +281,14 @@ impl QueueHandler for RxQueue {
     }
 
     fn process(&mut self, ctx: &mut QueueCtx<'_>) -> Result<Progress, RingError> {
+        // Buffers kept from an earlier pass point into the snapshot they were gathered on.
+        let stale = self
+            .iovs_in
+            .as_ref()
+            .is_some_and(|m| !Arc::ptr_eq(m, ctx.mem().snapshot()));
+        if stale {
+            self.put_back(ctx)?;
+        }
         let result = (|| loop {
             if !self.fill(ctx)? {
                 if self.buffers.is_empty() {
@@ -257,11 +303,14 @@ impl QueueHandler for RxQueue {
                 return Ok(Progress::Waiting);
             }
             if !self.receive_one(ctx)? {
-                // Nothing to receive: sleep until the TAP has a frame.
+                // Nothing to receive: sleep until the TAP has a frame, the buffers for it
+                // in hand.
                 return Ok(Progress::Waiting);
             }
         })();
-        self.put_back(ctx)?;
+        if result.is_err() {
+            self.put_back(ctx)?;
+        }
         result
     }
 
@@ -276,10 +325,15 @@ mod tests {
 
     #[test]
     fn a_frame_spreads_over_as_few_buffers_as_it_needs() {
-        assert_eq!(spread(3000, [1500, 1500, 1500]), vec![1500, 1500]);
-        assert_eq!(spread(3001, [1500, 1500, 1500]), vec![1500, 1500, 1]);
-        assert_eq!(spread(100, [4096, 4096]), vec![100]);
-        assert_eq!(spread(65536 + 12, std::iter::repeat_n(4096, 20)).len(), 17);
+        let spread = |len, caps: &[u32]| {
+            let mut out = vec![7; 3];
+            super::spread(len, caps.iter().copied(), &mut out);
+            out
+        };
+        assert_eq!(spread(3000, &[1500, 1500, 1500]), vec![1500, 1500]);
+        assert_eq!(spread(3001, &[1500, 1500, 1500]), vec![1500, 1500, 1]);
+        assert_eq!(spread(100, &[4096, 4096]), vec![100]);
+        assert_eq!(spread(65536 + 12, &[4096; 20]).len(), 17);
     }
 
     #[test]

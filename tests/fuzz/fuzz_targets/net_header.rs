@@ -30,7 +30,8 @@ fuzz_target!(|input: Input| {
     let _ = tap_offloads(input.features);
     let max = max_rx_frame(input.features, input.mtu);
     assert!(max >= hdr);
-    let used = spread(input.frame as usize, input.capacities.iter().take(64).copied());
+    let mut used = Vec::new();
+    spread(input.frame as usize, input.capacities.iter().take(64).copied(), &mut used);
     let sum: u64 = used.iter().map(|u| u64::from(*u)).sum();
     assert!(sum <= u64::from(input.frame));
     for (u, c) in used.iter().zip(&input.capacities) {

@@ -104,6 +104,11 @@ pub struct BlkPoint {
     /// rings measured split ones).
     #[serde(default)]
     pub packed: bool,
+    /// At queue depth 1: the notification round trip on this point's CPUs, measured right
+    /// before it (cross-CPU wake-ups drift by tens of microseconds over a run on these
+    /// machines, so a QD1 latency is compared with the round trip of its own moment).
+    #[serde(default)]
+    pub notify_rtt_us: Option<f64>,
     pub ops_per_sec: f64,
     pub mib_per_sec: f64,
     pub p50_us: f64,
@@ -331,6 +336,7 @@ fn point(case: BlkCase, s: &Sample, cpu_dev: Duration) -> BlkPoint {
         dirty_log: case.dirty_log,
         pages_logged: 0,
         packed: case.packed,
+        notify_rtt_us: None,
         ops_per_sec: s.ops as f64 / secs,
         mib_per_sec: s.ops as f64 * f64::from(case.block) / secs / (1 << 20) as f64,
         p50_us: s.latency.percentile_us(50.0),

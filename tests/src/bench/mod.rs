@@ -343,6 +343,21 @@ fn blk_cases(quick: bool) -> Vec<BlkCase> {
     v
 }
 
+/// The notification round trip between two threads placed as `cpus` says (unpinned threads
+/// have no one placement to measure).
+fn round_trip_on(cpus: Cpus, quick: bool) -> Result<Option<f64>> {
+    let time = if quick {
+        Duration::from_millis(200)
+    } else {
+        Duration::from_secs(1)
+    };
+    Ok(match cpus {
+        Cpus::One => Some(pingpong::round_trip_us(0, 0, time)?),
+        Cpus::TwoPinned => Some(pingpong::round_trip_us(0, 1 % cpu_count(), time)?),
+        Cpus::Unpinned => None,
+    })
+}
+
 /// Runs the suite and writes the report files into `out`.
 pub fn run_suite(opts: Options, out: &Path) -> Result<Report> {
     std::fs::create_dir_all(out)?;
@@ -399,11 +414,18 @@ fn blk_suite(opts: &Options) -> Result<Vec<BlkPoint>> {
         ..*c
     });
     for case in cases {
-        let p = repeat(
+        // The latency target's points get the round trip of their own moment.
+        let rtt = if case.depth == 1 && case.placement == BlkPlacement::OutOfProcess {
+            round_trip_on(case.cpus, opts.quick)?
+        } else {
+            None
+        };
+        let mut p = repeat(
             opts.reps,
             || blk::run(case, &image.0, d, &opts.daemon_args),
             median_blk,
         )?;
+        p.notify_rtt_us = rtt;
         eprintln!(
             "blk {}: {:.0} ops/s p50 {:.1} us, CPU/op {:.2}+{:.2} us",
             case.describe(),

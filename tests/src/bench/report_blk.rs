@@ -182,13 +182,18 @@ pub fn targets(r: &Report, t: &mut Vec<Target>) {
         (Cpus::TwoPinned, r.notify_rtt_cross_cpu_us),
     ] {
         if let Some(out) = null(BlkPlacement::OutOfProcess, 1, cpus) {
+            // The round trip measured right before the point, where the report has it.
+            let (rtt, when) = match out.notify_rtt_us {
+                Some(at_point) => (at_point, "measured right before"),
+                None => (rtt, "at the start of the run"),
+            };
             t.push(Target {
                 what: format!(
                     "blk null QD1, {}: p50 latency within 10 % of one notification round trip",
                     cpus.label()
                 ),
                 measured: format!(
-                    "p50 {:.1} µs; round trip {rtt:.1} µs ({:.2}×)",
+                    "p50 {:.1} µs; round trip {rtt:.1} µs {when} ({:.2}×)",
                     out.p50_us,
                     out.p50_us / rtt
                 ),
