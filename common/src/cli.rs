@@ -29,11 +29,17 @@ pub struct ServeArgs {
     #[arg(long)]
     pub print_capabilities: bool,
 
-    /// Busy-poll each queue for this many microseconds after its last request before sleeping:
-    /// a guest submitting again soon needs no kick and the queue no wake-up. Costs CPU; pays
-    /// when the guest and the daemon run on different CPUs. 0 (default): never poll.
-    #[arg(long, value_name = "MICROSECONDS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
-    pub poll_us: u64,
+    /// Busy-poll each queue for exactly this many microseconds after its last request before
+    /// sleeping, instead of the adaptive window of --poll-max-us (0: never poll).
+    #[arg(long, value_name = "MICROSECONDS", value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub poll_us: Option<u64>,
+
+    /// Adaptive busy-polling: after its last request a queue polls for a window that grows
+    /// while the guest's next requests arrive within this many microseconds and shrinks while
+    /// they do not (QEMU's poll-max-ns), so a guest submitting again soon needs no kick and the
+    /// queue no wake-up; the poll yields the CPU at every turn. 0 turns it off.
+    #[arg(long, value_name = "MICROSECONDS", default_value_t = crate::idle_poll::DEFAULT_MAX.as_micros() as u64, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub poll_max_us: u64,
 
     /// When completions become visible to the guest: `adaptive` (default) publishes each at
     /// once and interrupts as soon as the guest asks while that overlaps its work with ours,
@@ -111,7 +117,15 @@ impl ServeArgs {
     /// Options for the queue workers.
     pub fn engine_options(&self) -> EngineOptions {
         EngineOptions {
-            poll: std::time::Duration::from_micros(self.poll_us),
+            poll: match (self.poll_us, self.poll_max_us) {
+                (Some(0), _) | (None, 0) => crate::idle_poll::PollPolicy::Off,
+                (Some(us), _) => {
+                    crate::idle_poll::PollPolicy::Fixed(std::time::Duration::from_micros(us))
+                }
+                (None, max) => {
+                    crate::idle_poll::PollPolicy::Adaptive(std::time::Duration::from_micros(max))
+                }
+            },
             completions: self.completions,
             break_dirty_log: self.test_break_dirty_log,
             no_packed: self.no_packed,

@@ -1,13 +1,11 @@
 //! How the engine runs queues: options every session is started with (the serve loop passes
 //! them down; kept apart so that the session does not depend on the serve loop).
 
-use std::time::Duration;
-
 /// How queues are run.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct EngineOptions {
-    /// Busy-poll a queue this long after its last work (zero: sleep at once).
-    pub poll: Duration,
+    /// How queues busy-poll after their last work.
+    pub poll: crate::idle_poll::PollPolicy,
     /// When completions are published.
     pub completions: crate::pipeline::Completions,
     /// Test-only: accept dirty logging but mark nothing (migration tests' negative control).

@@ -21,6 +21,7 @@ pub mod dirty_log;
 pub mod engine_options;
 pub mod fd;
 pub mod guest_access;
+pub mod idle_poll;
 pub mod inflight;
 pub mod inflight_packed;
 pub mod iov;

@@ -117,7 +117,7 @@ impl ThreadedQueue {
         ring: LocalRing,
         kick: EventFd,
         call: EventFd,
-        poll: std::time::Duration,
+        poll: crate::idle_poll::PollPolicy,
     ) -> Result<Self, LocalError> {
         let ring = ring.open(&mem)?;
         let signal = Arc::new(Signal::new());
@@ -131,7 +131,7 @@ impl ThreadedQueue {
             err: Arc::new(Signal::new()),
             mem: GuestMemoryAtomic::new(mem),
             tracking: Tracking::default(),
-            poll,
+            idle: crate::idle_poll::IdlePoll::new(poll),
             pipeline: Pipeline::adaptive(),
             view: None,
             log: LogCursor::unlogged(),

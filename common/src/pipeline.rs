@@ -124,7 +124,7 @@ impl Pipeline {
 }
 
 /// Involuntary context switches of the calling thread so far (0 if unknown).
-fn involuntary_switches() -> i64 {
+pub(crate) fn involuntary_switches() -> i64 {
     // SAFETY: all-zero is a valid rusage.
     let mut u: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: getrusage writes one rusage for the calling thread into `u`.

@@ -15,6 +15,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::device::{Progress, QueueCtx, QueueHandler};
 use crate::guest_access::GuestAccess;
 use crate::guest_warn;
+use crate::idle_poll::IdlePoll;
 use crate::log_cursor::LogCursor;
 use crate::memory::GuestMemory;
 use crate::notify::Signal;
@@ -54,8 +55,8 @@ pub(crate) struct WorkerSpec<H> {
     pub err: Arc<Signal>,
     pub mem: GuestMemoryAtomic<GuestMemory>,
     pub tracking: Tracking,
-    /// Busy-poll this long after the last work before sleeping (zero: never poll).
-    pub poll: Duration,
+    /// How long to busy-poll after the last work before sleeping.
+    pub idle: IdlePoll,
     /// When completions are published.
     pub pipeline: Pipeline,
     /// The fast view of the current guest memory snapshot, rebuilt when the snapshot changes.
@@ -138,11 +139,21 @@ fn run<H: QueueHandler>(mut spec: WorkerSpec<H>, epoll: Epoll, stop: EventFd) ->
     let mut broken = false;
     spec.progress.set_running(true);
     // Chains may already be waiting (a restarted backend): look before the first kick.
-    pass(&mut spec, &mut broken);
+    let mut waiting = pass(&mut spec, &mut broken);
     let mut events = [EpollEvent::default(); 8];
     'outer: loop {
-        if !spec.poll.is_zero() && !broken && poll(&mut spec, &epoll, &mut events, &mut broken) {
-            break 'outer;
+        let mut idle_since = Instant::now();
+        let window = spec.idle.window();
+        // Polling looks for chains on the ring; a handler waiting on its own sources (a TAP
+        // with no frame for the buffers it holds) would find nothing there.
+        if !window.is_zero() && !broken && !waiting {
+            match poll(&mut spec, &epoll, &mut events, &mut broken, window) {
+                Polled::Stop => break 'outer,
+                Polled::Idle { since, waiting: w } => {
+                    idle_since = since;
+                    waiting = w;
+                }
+            }
         }
         let n = match epoll.wait(-1, &mut events) {
             Ok(n) => n,
@@ -159,8 +170,9 @@ fn run<H: QueueHandler>(mut spec: WorkerSpec<H>, epoll: Epoll, stop: EventFd) ->
         {
             break 'outer;
         }
+        spec.idle.idle_ended(idle_since.elapsed());
         if !broken {
-            pass(&mut spec, &mut broken);
+            waiting = pass(&mut spec, &mut broken);
         }
     }
     let _ = stop.read();
@@ -171,25 +183,52 @@ fn run<H: QueueHandler>(mut spec: WorkerSpec<H>, epoll: Epoll, stop: EventFd) ->
     (spec.ring, spec.kick)
 }
 
-/// Busy-polls for up to `spec.poll` after the last work, with guest kicks suppressed, so that a
-/// guest adding work soon finds the worker awake (no kick, no wake-up). Returns true if a stop
-/// was requested meanwhile. Ends with kicks re-enabled and the ring checked once more.
+/// How a poll ended.
+enum Polled {
+    /// A stop was requested meanwhile.
+    Stop,
+    /// The window passed with no work since `since`; kicks are enabled again and the ring was
+    /// checked once more (`waiting`: the handler now waits on its own sources).
+    Idle { since: Instant, waiting: bool },
+}
+
+/// Busy-polls the ring with guest kicks suppressed, serving what comes, until `window` passes
+/// with no work: a guest adding work meanwhile finds the worker awake (no kick, no wake-up).
+/// Every turn yields the CPU, so a driver runnable on this CPU runs at once instead of waiting
+/// for the window to end.
 fn poll<H: QueueHandler>(
     spec: &mut WorkerSpec<H>,
     epoll: &Epoll,
     events: &mut [EpollEvent],
     broken: &mut bool,
-) -> bool {
-    let mut deadline = Instant::now() + spec.poll;
+    window: Duration,
+) -> Polled {
+    let mut last_work = Instant::now();
     let mut spins: u32 = 0;
+    let switches = crate::pipeline::involuntary_switches();
+    let mut mem = view(spec);
+    if spec.ring.suppress_notifications(&mem).is_err() {
+        return Polled::Idle {
+            since: last_work,
+            waiting: pass(spec, broken),
+        };
+    }
     loop {
-        let mem = view(spec);
-        let work = spec
-            .ring
-            .suppress_notifications(&mem)
-            .and_then(|()| spec.ring.pending(&mem));
-        match work {
-            Ok(0) => {}
+        spins = spins.wrapping_add(1);
+        // Now and then, look at the stop eventfd and the handler's own sources.
+        let mut sourced = false;
+        if spins.is_multiple_of(16) {
+            let n = epoll.wait(0, events).unwrap_or(0);
+            for ev in events.iter().take(n) {
+                match Wake::from_token(ev.data()) {
+                    Wake::Stop => return Polled::Stop,
+                    Wake::Kick => {}
+                    Wake::Source => sourced = true,
+                }
+            }
+        }
+        match spec.ring.pending(&mem) {
+            Ok(0) if !sourced => {}
             Ok(_) => {
                 if let Err(e) = process_once(spec, &mem) {
                     guest_warn!(
@@ -198,42 +237,35 @@ fn poll<H: QueueHandler>(
                     );
                     spec.err.signal();
                     *broken = true;
-                    return false;
+                    return Polled::Idle {
+                        since: last_work,
+                        waiting: false,
+                    };
                 }
-                deadline = Instant::now() + spec.poll;
+                last_work = Instant::now();
+                // A handler may have asked for kicks meanwhile; the memory table may have
+                // changed.
+                mem = view(spec);
+                if spec.ring.suppress_notifications(&mem).is_err() {
+                    break;
+                }
             }
             Err(_) => break,
         }
-        spins = spins.wrapping_add(1);
-        // Now and then, look at the stop eventfd and the handler's own sources.
-        if spins.is_multiple_of(64) {
-            let n = epoll.wait(0, events).unwrap_or(0);
-            for ev in events.iter().take(n) {
-                match Wake::from_token(ev.data()) {
-                    Wake::Stop => return true,
-                    Wake::Kick => {}
-                    Wake::Source => deadline = Instant::now() + spec.poll,
-                }
-            }
-            if n > 0 {
-                if let Err(e) = process_once(spec, &mem) {
-                    guest_warn!(
-                        queue = spec.index,
-                        "ring unusable until the frontend resets it: {e}"
-                    );
-                    spec.err.signal();
-                    *broken = true;
-                    return false;
-                }
-            }
-        }
-        if Instant::now() >= deadline {
+        if last_work.elapsed() >= window {
             break;
         }
-        std::hint::spin_loop();
+        std::thread::yield_now();
+        // A yield that let another thread run (a preemption counts too): the CPU is wanted.
+        if crate::pipeline::involuntary_switches() != switches {
+            spec.idle.contended();
+            break;
+        }
     }
-    pass(spec, broken);
-    false
+    Polled::Idle {
+        since: last_work,
+        waiting: pass(spec, broken),
+    }
 }
 
 /// One handler pass without touching the guest's kick suppression.
@@ -255,24 +287,30 @@ fn process_once<H: QueueHandler>(
 
 /// Runs the handler until the ring is empty (or the handler saturated), with guest kicks
 /// suppressed meanwhile, then re-enables them and checks for a race with a late buffer.
-fn pass<H: QueueHandler>(spec: &mut WorkerSpec<H>, broken: &mut bool) {
+/// Returns whether the handler ended waiting on its own sources.
+fn pass<H: QueueHandler>(spec: &mut WorkerSpec<H>, broken: &mut bool) -> bool {
     let mem = view(spec);
-    if let Err(e) = pass_inner(spec, &mem) {
-        guest_warn!(
-            queue = spec.index,
-            "ring unusable until the frontend resets it: {e}"
-        );
-        spec.err.signal();
-        *broken = true;
-    }
+    let waiting = match pass_inner(spec, &mem) {
+        Ok(waiting) => waiting,
+        Err(e) => {
+            guest_warn!(
+                queue = spec.index,
+                "ring unusable until the frontend resets it: {e}"
+            );
+            spec.err.signal();
+            *broken = true;
+            false
+        }
+    };
     spec.progress
         .publish(spec.ring.next_avail(), spec.ring.next_used());
+    waiting
 }
 
 fn pass_inner<H: QueueHandler>(
     spec: &mut WorkerSpec<H>,
     mem: &GuestAccess,
-) -> Result<(), RingError> {
+) -> Result<bool, RingError> {
     loop {
         spec.ring.disable_notifications(mem)?;
         let mut ctx = QueueCtx::new(
@@ -286,10 +324,10 @@ fn pass_inner<H: QueueHandler>(
         let progress = spec.handler.process(&mut ctx)?;
         ctx.flush()?;
         if progress == Progress::Waiting {
-            return Ok(());
+            return Ok(true);
         }
         if !ctx.ring().enable_notifications(mem)? {
-            return Ok(());
+            return Ok(false);
         }
     }
 }

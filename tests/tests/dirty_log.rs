@@ -22,7 +22,7 @@ fn pages(addr: u64, len: u32) -> impl Iterator<Item = u64> {
     (first..=last).map(|p| p * PAGE)
 }
 
-/// Ample time for a worker to end the pass it is in (no busy polling: `--poll-us` is 0).
+/// Ample time for a worker to end the pass it is in (and its busy-polling window, at most 64 µs).
 const PASS_END: Duration = Duration::from_millis(100);
 
 /// One read and one write through `fx`, with logging on; returns what should and should not

@@ -149,7 +149,7 @@ impl<D: Device> Session<D> {
             err: Arc::clone(&slot.err),
             mem: self.mem.clone(),
             tracking,
-            poll: self.opts.poll,
+            idle: crate::idle_poll::IdlePoll::new(self.opts.poll),
             pipeline: crate::pipeline::Pipeline::new(self.opts.completions),
             view: None,
             log: crate::log_cursor::LogCursor::new(

@@ -89,7 +89,8 @@ pub struct BlkPoint {
     pub block: u32,
     pub cpus: Cpus,
     pub event_idx: bool,
-    /// Busy-polling of the device's queue, microseconds (0: none).
+    /// Busy-polling of the device's queue: a fixed window in microseconds, or 0 for the
+    /// daemons' adaptive default (reports from before it existed: no polling).
     pub poll_us: u64,
     /// The device counted its requests (vhost-user-blk's default; `--no-stats` otherwise).
     #[serde(default = "counting_default")]
@@ -159,7 +160,7 @@ impl BlkCase {
             self.block,
             self.cpus,
             self.event_idx,
-            self.poll_us,
+            super::poll_word(self.poll_us),
             self.stats,
             self.dirty_log,
             super::ring_word(self.packed)
@@ -386,7 +387,7 @@ fn run_threaded(case: BlkCase, image: &std::path::Path, duration: Duration) -> R
         ring,
         q.kick.try_clone()?,
         q.call.try_clone()?,
-        Duration::from_micros(case.poll_us),
+        super::poll_policy(case.poll_us),
     )?;
     let tids = super::cpu::wait_threads_named(std::process::id(), "queue-")?;
     if let Some(cpu) = case.cpus.device() {
@@ -469,9 +470,8 @@ fn run_remote(
                 socket.display().to_string(),
                 "--queues".to_owned(),
                 "1".to_owned(),
-                "--poll-us".to_owned(),
-                case.poll_us.to_string(),
             ];
+            args.extend(super::poll_args(case.poll_us));
             if !case.stats {
                 args.push("--no-stats".to_owned());
             }

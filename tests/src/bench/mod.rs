@@ -190,8 +190,33 @@ fn median_net(runs: &[NetPoint]) -> NetPoint {
     }
 }
 
-/// Busy-polling window of the polling points.
+/// Busy-polling window of the fixed-polling points.
 const POLL_US: u64 = 50;
+
+/// How a point's device polls: `poll_us` 0 is the daemons' default (the adaptive window of
+/// `--poll-max-us`), anything else a fixed window (`--poll-us`).
+pub fn poll_policy(poll_us: u64) -> bulkhead_common::idle_poll::PollPolicy {
+    match poll_us {
+        0 => bulkhead_common::idle_poll::PollPolicy::default(),
+        us => bulkhead_common::idle_poll::PollPolicy::Fixed(Duration::from_micros(us)),
+    }
+}
+
+/// The daemon arguments for `poll_us` (see `poll_policy`).
+pub fn poll_args(poll_us: u64) -> Vec<String> {
+    match poll_us {
+        0 => Vec::new(),
+        us => vec!["--poll-us".to_owned(), us.to_string()],
+    }
+}
+
+/// `poll_us` as a point's description says it.
+pub fn poll_word(poll_us: u64) -> String {
+    match poll_us {
+        0 => "adaptive".to_owned(),
+        us => us.to_string(),
+    }
+}
 
 /// The block cases of the suite: every placement (and the driver's ceiling) on the null
 /// device and on a tmpfs file, at each queue depth and CPU placement, with packed-ring twins

@@ -144,7 +144,10 @@ impl NetCase {
         match self.direction {
             Direction::Tx => format!(
                 "net tx {:?} {}B {:?} poll={} ring={ring}",
-                self.placement, self.frame, self.cpus, self.poll_us
+                self.placement,
+                self.frame,
+                self.cpus,
+                super::poll_word(self.poll_us)
             ),
             Direction::Rx => format!(
                 "net rx {:?} {}B {:?} ring={ring}",
@@ -310,7 +313,7 @@ pub fn run_tx(case: NetCase, duration: Duration, daemon_args: &[String]) -> Resu
                 ring,
                 dq.kick.try_clone()?,
                 dq.call.try_clone()?,
-                Duration::from_micros(poll_us),
+                super::poll_policy(poll_us),
             )?;
             let tids = place_threads(cpus)?;
             let mut d = LeanTx::new(rings, TX_SLOTS, &wire(size))?;
@@ -322,8 +325,8 @@ pub fn run_tx(case: NetCase, duration: Duration, daemon_args: &[String]) -> Resu
             Ok(p(&s, cpu))
         }
         NetPlacement::OutOfProcess => {
-            let poll = poll_us.to_string();
-            let mut args = vec!["--poll-us", poll.as_str()];
+            let poll = super::poll_args(poll_us);
+            let mut args: Vec<&str> = poll.iter().map(String::as_str).collect();
             args.extend(daemon_args.iter().map(String::as_str));
             let fx = NetFixture::start(&args)?;
             let fe = Frontend::start(Connection::connect(&fx.socket)?, setup(packed))?;

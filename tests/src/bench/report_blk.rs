@@ -20,7 +20,7 @@ const PLACEMENTS: [BlkPlacement; 6] = [
     BlkPlacement::DriverCeiling,
 ];
 
-/// The main grid: 4 KiB reads, EVENT_IDX, no busy polling, each engine's default.
+/// The main grid: 4 KiB reads, EVENT_IDX, the default (adaptive) busy polling, each engine's default.
 fn main_point(
     r: &Report,
     p: BlkPlacement,
@@ -337,7 +337,7 @@ pub fn markdown(r: &Report, s: &mut String) {
                 p.depth,
                 p.cpus.label(),
                 p.event_idx,
-                p.poll_us,
+                super::poll_word(p.poll_us),
                 p.ops_per_sec,
                 p.mib_per_sec,
                 p.p50_us,
