@@ -217,9 +217,13 @@ pub fn targets(r: &Report, t: &mut Vec<Target>) {
         }
     }
     // The driver must never be what a point measures: against a backend that completes at once
-    // on the other CPU, it must go at least twice as fast as the fastest real backend.
+    // on the other CPU, it must go at least twice as fast as the fastest real backend. Not at
+    // QD1: there the driver sleeps for each request's interrupt whatever the backend, so once a
+    // backend busy-polls (no kick to wake it either) it and the instant one are bounded by the
+    // same wake-up of the driver; QD1 is reported on its own below.
     let mut worst: Option<(f64, String)> = None;
     let mut checked = 0;
+    let mut qd1 = Vec::new();
     for backend in [Backend::Null, Backend::Tmpfs] {
         for cpus in [Cpus::TwoPinned, Cpus::Unpinned] {
             for qd in depths(r, backend, cpus) {
@@ -229,8 +233,18 @@ pub fn targets(r: &Report, t: &mut Vec<Target>) {
                 ) else {
                     continue;
                 };
-                checked += 1;
                 let ratio = ceiling.ops_per_sec / best.ops_per_sec;
+                if qd == 1 {
+                    qd1.push(format!(
+                        "{backend:?} {}: {ratio:.2}× ({:.0} vs {:.0}, {})",
+                        cpus.label(),
+                        ceiling.ops_per_sec,
+                        best.ops_per_sec,
+                        best.placement.label()
+                    ));
+                    continue;
+                }
+                checked += 1;
                 if worst.as_ref().is_none_or(|(w, _)| ratio < *w) {
                     worst = Some((
                         ratio,
@@ -249,10 +263,18 @@ pub fn targets(r: &Report, t: &mut Vec<Target>) {
     }
     if let Some((ratio, at)) = worst {
         t.push(Target {
-            what: "the harness's driver against an instant backend across CPUs reaches ≥ 2 × the best notifying backend's rate at every block point"
+            what: "the harness's driver against an instant backend across CPUs reaches ≥ 2 × the best backend's rate at every block point from QD4 up"
                 .into(),
             measured: format!("lowest ratio {ratio:.2}× over {checked} points, at {at}"),
             met: Some(ratio >= 2.0),
+        });
+    }
+    if !qd1.is_empty() {
+        t.push(Target {
+            what: "QD1 across CPUs, not a target: the driver's interrupt wake-up bounds the instant backend and every busy-polling backend alike (ceiling ÷ best)"
+                .into(),
+            measured: qd1.join("; "),
+            met: None,
         });
     }
 }

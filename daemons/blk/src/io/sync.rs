@@ -195,12 +195,29 @@ pub fn transfer_all(
         let off = libc::off_t::try_from(offset)
             .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         let fd = disk.file().as_raw_fd();
-        let n = match dir {
+        let n = match (dir, iovs.as_slice()) {
+            // One buffer (a 4 KiB request in one guest page, the common case): the plain call
+            // skips the kernel's iovec import, and the raw system call libc's cancellation-point
+            // wrapper; together about 4 % of a tmpfs read's time.
+            (Dir::Read, [one]) => {
+                // SAFETY: the buffer is in a live guest memory mapping (kept alive by the caller's
+                // snapshot) or our own bounce buffer, valid for its length.
+                let r =
+                    unsafe { libc::syscall(libc::SYS_pread64, fd, one.iov_base, one.iov_len, off) };
+                isize::try_from(r).unwrap_or(-1)
+            }
+            (Dir::Write, [one]) if flags == 0 => {
+                // SAFETY: as above.
+                let r = unsafe {
+                    libc::syscall(libc::SYS_pwrite64, fd, one.iov_base, one.iov_len, off)
+                };
+                isize::try_from(r).unwrap_or(-1)
+            }
             // SAFETY: the iovecs point into live guest memory mappings (kept alive by the caller's
             // snapshot) or our own buffers, each valid for its length.
-            Dir::Read => unsafe { libc::preadv2(fd, iovs.as_ptr(), count, off, 0) },
+            (Dir::Read, _) => unsafe { libc::preadv2(fd, iovs.as_ptr(), count, off, 0) },
             // SAFETY: as above.
-            Dir::Write => unsafe { libc::pwritev2(fd, iovs.as_ptr(), count, off, flags) },
+            (Dir::Write, _) => unsafe { libc::pwritev2(fd, iovs.as_ptr(), count, off, flags) },
         };
         if n < 0 {
             let e = io::Error::last_os_error();
