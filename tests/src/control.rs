@@ -30,6 +30,19 @@ pub fn ctl_json(socket: &Path, args: &[&str]) -> Result<Value> {
     serde_json::from_slice(&out.stdout).context("bulkhead-ctl printed no JSON")
 }
 
+/// Pages the daemon behind `control` has marked in migration dirty logs so far (`status`'s
+/// `dirty_pages_logged`); `None` without a control socket (a peer backend).
+pub fn dirty_pages_logged(control: Option<&Path>) -> Result<Option<u64>> {
+    let Some(control) = control else {
+        return Ok(None);
+    };
+    let status = ctl_json(control, &["status"])?;
+    let pages = status["dirty_pages_logged"]
+        .as_u64()
+        .with_context(|| format!("no dirty_pages_logged in {status}"))?;
+    Ok(Some(pages))
+}
+
 /// One raw request through the protocol library; returns the whole reply.
 pub fn call(socket: &Path, command: &str, args: Value) -> Result<client::Reply> {
     let args = match args {

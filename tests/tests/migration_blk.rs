@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use bulkhead_tests::control::ctl_json;
+use bulkhead_tests::control::dirty_pages_logged;
 use bulkhead_tests::daemon::{eventually, Daemon, Scratch};
 use bulkhead_tests::fixture::{blk_daemon_args, pattern};
 use bulkhead_tests::guest::{
@@ -196,17 +196,9 @@ impl Side {
         Guest::boot(kit, &self.config(None))
     }
 
-    /// Pages the daemon has marked in dirty logs so far (`bulkhead-ctl status`), if the side
-    /// has a control socket.
+    /// Pages the daemon has marked in dirty logs so far, if the side has a control socket.
     fn dirty_pages_logged(&self) -> Result<Option<u64>> {
-        let Some(control) = &self.control else {
-            return Ok(None);
-        };
-        let status = ctl_json(control, &["status"])?;
-        let pages = status["dirty_pages_logged"]
-            .as_u64()
-            .with_context(|| format!("no dirty_pages_logged in {status}"))?;
-        Ok(Some(pages))
+        dirty_pages_logged(self.control.as_deref())
     }
 }
 

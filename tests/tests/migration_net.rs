@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use bulkhead_tests::control::ctl_json;
+use bulkhead_tests::control::dirty_pages_logged;
 use bulkhead_tests::daemon::{Daemon, Scratch};
 use bulkhead_tests::fixture::spawn_in_netns;
 use bulkhead_tests::guest::{
@@ -109,16 +109,9 @@ impl Side {
         })
     }
 
-    /// Pages the daemon has marked in dirty logs so far, if it is ours.
+    /// Pages the daemon has marked in dirty logs so far, if the side has a control socket.
     fn dirty_pages_logged(&self) -> Result<Option<u64>> {
-        let Some(control) = &self.control else {
-            return Ok(None);
-        };
-        let status = ctl_json(control, &["status"])?;
-        let pages = status["dirty_pages_logged"]
-            .as_u64()
-            .with_context(|| format!("no dirty_pages_logged in {status}"))?;
-        Ok(Some(pages))
+        dirty_pages_logged(self.control.as_deref())
     }
 
     fn config(&self, incoming: Option<String>) -> QemuConfig {
