@@ -310,7 +310,7 @@ impl<D: Device> Session<D> {
                 let log = DirtyLog::map(fd, l.mmap_size, l.mmap_offset)?
                     .counting_into(self.state.dirty_page_counter());
                 tracing::info!(bytes = log.len(), "dirty log installed");
-                // The old log (if any) goes once no worker's pass holds it.
+                // The old log (if any) is unmapped once no worker holds it any more.
                 self.log.replace(Some(log));
                 // The spec's answer to SET_LOG_BASE with LOG_SHMFD: a u64 payload, 0.
                 Ok(u64_reply(0))
