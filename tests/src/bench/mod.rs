@@ -485,6 +485,7 @@ fn net_tx_cases(quick: bool) -> Vec<NetCase> {
         cpus,
         poll_us,
         packed: false,
+        injectors: 0,
     };
     let mut cases = Vec::new();
     for &size in sizes {
@@ -516,8 +517,8 @@ fn net_tx_cases(quick: bool) -> Vec<NetCase> {
     cases
 }
 
-/// Net receive through the daemon, per frame size and CPU placement (64-byte frames on packed
-/// rings too).
+/// Net receive through the daemon, per frame size and CPU placement, from one injector thread
+/// (64-byte frames on packed rings too, and from a two-thread flood).
 fn net_rx_cases(quick: bool) -> Vec<NetCase> {
     let (sizes, placements): (&[usize], &[Cpus]) = if quick {
         (&[64], &[Cpus::TwoPinned])
@@ -534,11 +535,18 @@ fn net_rx_cases(quick: bool) -> Vec<NetCase> {
                 cpus,
                 poll_us: 0,
                 packed: false,
+                injectors: net::RX_INJECTORS,
             };
             cases.push(case);
             if net_packed_twin(case.placement, frame, 0) {
                 cases.push(NetCase {
                     packed: true,
+                    ..case
+                });
+            }
+            if frame == 64 && !quick {
+                cases.push(NetCase {
+                    injectors: net::RX_FLOOD_INJECTORS,
                     ..case
                 });
             }

@@ -81,6 +81,13 @@ pub struct NetPoint {
     pub injected_frames_per_sec: f64,
     /// Receive: what the injector sends per second with nobody receiving (its own ceiling).
     pub injector_alone_frames_per_sec: f64,
+    /// Receive: the injector's sender threads (reports from before this field used two).
+    #[serde(default = "two_injectors")]
+    pub injectors: usize,
+}
+
+fn two_injectors() -> usize {
+    2
 }
 
 /// CSUM, GUEST_CSUM, GUEST_TSO4/6, HOST_TSO4/6, MRG_RXBUF, VERSION_1, INDIRECT, EVENT_IDX.
@@ -100,9 +107,17 @@ const TX_SLOTS: u16 = 256;
 const RX_BUFFERS: u16 = 256;
 const RX_BUF_LEN: u32 = 4096;
 const WARM_UP: Duration = Duration::from_millis(100);
-/// Injector threads (each with its own packet socket) and frames per `sendmmsg`.
-const INJECTORS: usize = 2;
+/// Frames per `sendmmsg` of an injector thread.
 const INJECT_BATCH: usize = 64;
+/// Injector threads of the receive points: one flow into the one queue pair. One thread with
+/// `sendmmsg` offers more than the device takes on a CPU of its own (its alone rate is in the
+/// report); a second thread on the same CPU adds no rate (measured 1.06M frames/s with two on
+/// one CPU against 1.22M with one: they contend on the TAP's queue) and only takes CPU time
+/// from whoever shares that CPU, so it measures the scheduler's fair share, not the device.
+pub const RX_INJECTORS: usize = 1;
+/// The flood twin of the 64-byte receive points: two sender threads that compete with the
+/// driver and the device for the two CPUs (reported beside, not a target).
+pub const RX_FLOOD_INJECTORS: usize = 2;
 
 fn setup(packed: bool) -> Setup {
     Setup {
@@ -135,6 +150,8 @@ pub struct NetCase {
     pub cpus: Cpus,
     pub poll_us: u64,
     pub packed: bool,
+    /// Receive: injector sender threads (0 for transmit).
+    pub injectors: usize,
 }
 
 impl NetCase {
@@ -150,8 +167,8 @@ impl NetCase {
                 super::poll_word(self.poll_us)
             ),
             Direction::Rx => format!(
-                "net rx {:?} {}B {:?} ring={ring}",
-                self.placement, self.frame, self.cpus
+                "net rx {:?} {}B {:?} injectors={} ring={ring}",
+                self.placement, self.frame, self.cpus, self.injectors
             ),
         }
     }
@@ -174,6 +191,7 @@ fn point(case: NetCase, s: &NetSample, cpu_device: Duration) -> NetPoint {
         cpu_us_per_frame_device: cpu_device.as_secs_f64() * 1e6 / n,
         kicks_per_frame: s.kicks as f64 / n,
         interrupts_per_frame: s.interrupts as f64 / n,
+        injectors: case.injectors,
         injected_frames_per_sec: 0.0,
         injector_alone_frames_per_sec: 0.0,
     }
@@ -359,8 +377,8 @@ struct Injector {
 }
 
 impl Injector {
-    /// Starts `INJECTORS` threads on `fx`'s TAP; pinned to `cpu` if given.
-    fn start(fx: &NetFixture, size: usize, cpu: Option<usize>) -> Result<Self> {
+    /// Starts `count` threads on `fx`'s TAP; pinned to `cpu` if given.
+    fn start(fx: &NetFixture, size: usize, count: usize, cpu: Option<usize>) -> Result<Self> {
         let (hdr, f) = frame(size);
         let gso = size > 1514;
         let mut wire = if gso {
@@ -372,7 +390,7 @@ impl Injector {
         let wire = Arc::new(wire);
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
-        for _ in 0..INJECTORS {
+        for _ in 0..count {
             let sock = fx.packet_socket(gso)?;
             let (stop, wire) = (Arc::clone(&stop), Arc::clone(&wire));
             threads.push(std::thread::spawn(move || -> Result<u64> {
@@ -408,11 +426,14 @@ impl Injector {
     }
 }
 
-/// Where the injector runs: on the CPU the device does not use when the placement pins.
+/// Where the injector runs: on the CPU the device does not use when the placement pins (one
+/// CPU: the other one; two CPUs: the driver's, so the device keeps its CPU as when it
+/// transmits), wherever the scheduler puts it when nothing is pinned.
 fn injector_cpu(cpus: Cpus) -> Option<usize> {
     match cpus {
         Cpus::One => Some(1 % super::cpu_count()),
-        Cpus::TwoPinned | Cpus::Unpinned => None,
+        Cpus::TwoPinned => cpus.driver(),
+        Cpus::Unpinned => None,
     }
 }
 
@@ -434,7 +455,7 @@ pub fn run_rx(case: NetCase, duration: Duration, daemon_args: &[String]) -> Resu
     let fx = NetFixture::start(&args)?;
     fx.ns.ip(&["link", "set", "tap0", "up"]).context("tap up")?;
     // The injector's own rate, nobody receiving (the TAP queue drops what it cannot hold).
-    let alone = Injector::start(&fx, size, injector_cpu(cpus))?;
+    let alone = Injector::start(&fx, size, case.injectors, injector_cpu(cpus))?;
     std::thread::sleep(duration.min(Duration::from_millis(500)));
     let alone = alone.stop()?;
     let (s, cpu_device) = match placement {
@@ -442,7 +463,7 @@ pub fn run_rx(case: NetCase, duration: Duration, daemon_args: &[String]) -> Resu
             let fe = Frontend::start(Connection::connect(&fx.socket)?, setup(packed))?;
             let mut d = LeanRx::new(fe, RX_BUFFERS, RX_BUF_LEN)?;
             cpus.place_device_process(fx.daemon.pid())?;
-            let inj = Injector::start(&fx, size, injector_cpu(cpus))?;
+            let inj = Injector::start(&fx, size, case.injectors, injector_cpu(cpus))?;
             d.run(WARM_UP)?;
             let d0 = process_cpu(fx.daemon.pid())?;
             let s = d.run(duration);

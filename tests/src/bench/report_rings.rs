@@ -112,6 +112,7 @@ fn net_twin<'a>(points: &'a [NetPoint], p: &NetPoint) -> Option<&'a NetPoint> {
             && x.frame == p.frame
             && x.cpus == p.cpus
             && x.poll_us == p.poll_us
+            && x.injectors == p.injectors
     })
 }
 
