@@ -174,8 +174,11 @@ pub fn raw_tap_write(ns: &NetNs, size: usize, duration: Duration) -> Result<Rate
         let mut frames = 0u64;
         while start.elapsed() < duration {
             for _ in 0..64 {
+                // The raw system call, as the daemon makes it: the kernel crossing alone,
+                // without libc's cancellation-point wrapper.
                 // SAFETY: writes `buf`, valid for its length, to the TAP descriptor.
-                let n = unsafe { libc::write(tap.fd(), buf.as_ptr().cast(), buf.len()) };
+                let n =
+                    unsafe { libc::syscall(libc::SYS_write, tap.fd(), buf.as_ptr(), buf.len()) };
                 if n > 0 {
                     frames += 1;
                 }

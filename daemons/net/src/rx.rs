@@ -183,27 +183,26 @@ impl RxQueue {
         self.scratch.clear();
         self.scratch
             .extend(self.iovs.iter().take(iov_total).copied());
-        let count = libc::c_int::try_from(self.scratch.len()).unwrap_or(libc::c_int::MAX);
         // SAFETY: the iovecs point into guest buffers of chains we hold, mapped for this pass.
-        let n = unsafe { libc::readv(self.tap.fd(), self.scratch.as_ptr(), count) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EAGAIN) => {}
-                // The guest buffers are not there (the frontend revoked its memory): the ring
-                // cannot be served any more; the engine stops it and signals the error.
-                Some(libc::EFAULT) => {
-                    self.stats.error();
-                    return Err(RingError::Memory);
+        let n = match unsafe { self.tap.receive_scattered(&self.scratch) } {
+            Ok(n) => n,
+            Err(e) => {
+                match e.raw_os_error() {
+                    Some(libc::EAGAIN) => {}
+                    // The guest buffers are not there (the frontend revoked its memory): the ring
+                    // cannot be served any more; the engine stops it and signals the error.
+                    Some(libc::EFAULT) => {
+                        self.stats.error();
+                        return Err(RingError::Memory);
+                    }
+                    _ => {
+                        guest_warn!("TAP read failed: {e}");
+                        self.stats.error();
+                    }
                 }
-                _ => {
-                    guest_warn!("TAP read failed: {e}");
-                    self.stats.error();
-                }
+                return Ok(false);
             }
-            return Ok(false);
-        }
-        let n = n.unsigned_abs();
+        };
         let mut used = std::mem::take(&mut self.used);
         spread(
             n,

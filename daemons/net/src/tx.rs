@@ -76,21 +76,8 @@ impl TxQueue {
         {
             return Err(TxError::Unmapped);
         }
-        let n = match self.iovs.as_slice() {
-            // One buffer (header and frame together, as Linux sends small frames): a plain
-            // write skips the kernel's iovec import, a few percent of a 64-byte frame.
-            [one] => {
-                // SAFETY: the buffer lies in guest memory kept mapped by `ctx` for this pass.
-                unsafe { libc::write(self.tap.fd(), one.iov_base, one.iov_len) }
-            }
-            iovs => {
-                let count = libc::c_int::try_from(iovs.len()).unwrap_or(libc::c_int::MAX);
-                // SAFETY: the iovecs point into guest memory kept mapped by `ctx` for this pass.
-                unsafe { libc::writev(self.tap.fd(), iovs.as_ptr(), count) }
-            }
-        };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
+        // SAFETY: the iovecs point into guest memory kept mapped by `ctx` for this pass.
+        if let Err(e) = unsafe { self.tap.send_gathered(&self.iovs) } {
             // A full TAP queue drops like a full NIC ring would; the guest's TCP recovers.
             if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::ENOBUFS)) {
                 self.stats.drop_one();
