@@ -9,6 +9,7 @@ mod guest_report;
 pub mod histogram;
 pub mod instant;
 pub mod instant_packed;
+mod interleave;
 pub mod lean_blk;
 pub mod lean_net;
 mod lean_packed;
@@ -150,15 +151,6 @@ fn machine() -> Machine {
 }
 
 /// Runs `f` `reps` times and keeps, field by field, the medians (via `combine`).
-fn repeat<T: Clone>(
-    reps: usize,
-    mut f: impl FnMut() -> Result<T>,
-    combine: impl Fn(&[T]) -> T,
-) -> Result<T> {
-    let runs: Vec<T> = (0..reps.max(1)).map(|_| f()).collect::<Result<_>>()?;
-    Ok(combine(&runs))
-}
-
 fn median_blk(runs: &[BlkPoint]) -> BlkPoint {
     let m = |g: fn(&BlkPoint) -> f64| stats::median(&runs.iter().map(g).collect::<Vec<_>>());
     BlkPoint {
@@ -438,28 +430,38 @@ fn blk_suite(opts: &Options) -> Result<Vec<BlkPoint>> {
         packed: !c.packed,
         ..*c
     });
-    for case in cases {
+    // The points one ratio compares: same backend, depth, block size and CPU placement.
+    let key = |c: &BlkCase| (c.backend, c.depth, c.block, c.cpus);
+    for group in interleave::groups(cases, key) {
         // The latency target's points get the round trip of their own moment.
-        let rtt = if case.depth == 1 && case.placement == BlkPlacement::OutOfProcess {
-            round_trip_on(case.cpus, opts.quick)?
-        } else {
-            None
-        };
-        let mut p = repeat(
+        let mut rtts = Vec::new();
+        for case in &group {
+            rtts.push(
+                if case.depth == 1 && case.placement == BlkPlacement::OutOfProcess {
+                    round_trip_on(case.cpus, opts.quick)?
+                } else {
+                    None
+                },
+            );
+        }
+        let points = interleave::round_robin(
+            &group,
             opts.reps,
-            || blk::run(case, &image.0, d, &opts.daemon_args),
+            |case| blk::run(*case, &image.0, d, &opts.daemon_args),
             median_blk,
         )?;
-        p.notify_rtt_us = rtt;
-        eprintln!(
-            "blk {}: {:.0} ops/s p50 {:.1} us, CPU/op {:.2}+{:.2} us",
-            case.describe(),
-            p.ops_per_sec,
-            p.p50_us,
-            p.cpu_us_per_op_driver,
-            p.cpu_us_per_op_device
-        );
-        blk_points.push(p);
+        for ((case, mut p), rtt) in group.iter().zip(points).zip(rtts) {
+            p.notify_rtt_us = rtt;
+            eprintln!(
+                "blk {}: {:.0} ops/s p50 {:.1} us, CPU/op {:.2}+{:.2} us",
+                case.describe(),
+                p.ops_per_sec,
+                p.p50_us,
+                p.cpu_us_per_op_driver,
+                p.cpu_us_per_op_device
+            );
+            blk_points.push(p);
+        }
     }
     Ok(blk_points)
 }
@@ -563,24 +565,33 @@ fn net_twin(c: &NetCase) -> NetCase {
     }
 }
 
+/// The points one net ratio compares: same frame size and CPU placement.
+fn net_group(c: &NetCase) -> (usize, Cpus) {
+    (c.frame, c.cpus)
+}
+
 fn net_tx_suite(opts: &Options) -> Result<Vec<NetPoint>> {
     let d = opts.duration();
     let mut net_tx = Vec::new();
-    for case in opts.select(net_tx_cases(opts.quick), NetCase::describe, net_twin) {
-        let point = repeat(
+    let cases = opts.select(net_tx_cases(opts.quick), NetCase::describe, net_twin);
+    for group in interleave::groups(cases, net_group) {
+        let points = interleave::round_robin(
+            &group,
             opts.reps,
-            || net::run_tx(case, d, &opts.daemon_args),
+            |case| net::run_tx(*case, d, &opts.daemon_args),
             median_net,
         )?;
-        eprintln!(
-            "{}: {:.0} frames/s {:.2} Gbit/s, CPU/frame {:.2}+{:.2} us",
-            case.describe(),
-            point.frames_per_sec,
-            point.gbit_per_sec,
-            point.cpu_us_per_frame_driver,
-            point.cpu_us_per_frame_device
-        );
-        net_tx.push(point);
+        for (case, point) in group.iter().zip(points) {
+            eprintln!(
+                "{}: {:.0} frames/s {:.2} Gbit/s, CPU/frame {:.2}+{:.2} us",
+                case.describe(),
+                point.frames_per_sec,
+                point.gbit_per_sec,
+                point.cpu_us_per_frame_driver,
+                point.cpu_us_per_frame_device
+            );
+            net_tx.push(point);
+        }
     }
     Ok(net_tx)
 }
@@ -588,22 +599,26 @@ fn net_tx_suite(opts: &Options) -> Result<Vec<NetPoint>> {
 fn net_rx_suite(opts: &Options) -> Result<Vec<NetPoint>> {
     let d = opts.duration();
     let mut net_rx = Vec::new();
-    for case in opts.select(net_rx_cases(opts.quick), NetCase::describe, net_twin) {
-        let p = repeat(
+    let cases = opts.select(net_rx_cases(opts.quick), NetCase::describe, net_twin);
+    for group in interleave::groups(cases, net_group) {
+        let points = interleave::round_robin(
+            &group,
             opts.reps,
-            || net::run_rx(case, d, &opts.daemon_args),
+            |case| net::run_rx(*case, d, &opts.daemon_args),
             median_net,
         )?;
-        eprintln!(
-            "{}: {:.0} frames/s of {:.0} injected (injector alone {:.0}), CPU/frame {:.2}+{:.2} us",
-            case.describe(),
-            p.frames_per_sec,
-            p.injected_frames_per_sec,
-            p.injector_alone_frames_per_sec,
-            p.cpu_us_per_frame_driver,
-            p.cpu_us_per_frame_device
-        );
-        net_rx.push(p);
+        for (case, p) in group.iter().zip(points) {
+            eprintln!(
+                "{}: {:.0} frames/s of {:.0} injected (injector alone {:.0}), CPU/frame {:.2}+{:.2} us",
+                case.describe(),
+                p.frames_per_sec,
+                p.injected_frames_per_sec,
+                p.injector_alone_frames_per_sec,
+                p.cpu_us_per_frame_driver,
+                p.cpu_us_per_frame_device
+            );
+            net_rx.push(p);
+        }
     }
     Ok(net_rx)
 }

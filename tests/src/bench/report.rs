@@ -46,7 +46,7 @@ pub fn markdown(r: &Report) -> String {
     );
     let _ = writeln!(
         s,
-        "{} · {} CPUs ({}) · kernel {} · {} repetition(s) of {:.2} s per point, medians.\n",
+        "{} · {} CPUs ({}) · kernel {} · {} repetition(s) of {:.2} s per point, taken round-robin among the points one ratio compares (same backend, depth and CPUs; same frame size and CPUs), medians.\n",
         m.date, m.cpus, m.cpu_model, m.kernel, r.reps, r.seconds_per_point
     );
     if !r.daemon_args.is_empty() {
