@@ -16,11 +16,16 @@ test -s target/bench-quick/report.json && test -s target/bench-quick/report.md &
 target/release/bulkhead-bench --render target/bench-quick/report.json --out target/bench-rerender 2> /dev/null
 cmp target/bench-quick/report.md target/bench-rerender/report.md
 # Fuzz targets, briefly, starting from the committed corpora (cargo-fuzz on the stable
-# toolchain: RUSTC_BOOTSTRAP lets it pass the sanitizer flags).
+# toolchain: RUSTC_BOOTSTRAP lets it pass the sanitizer flags). New inputs go to a scratch
+# corpus under target/ (libFuzzer writes into the first directory it is given), so a run
+# leaves the committed, minimised corpora as they are.
 command -v cargo-fuzz > /dev/null || cargo install cargo-fuzz --locked
 for target in message memory_table inflight blk_request net_header net_rx ring_ops packed_ring control; do
   log="target/fuzz-$target.log"
-  if ! RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir tests/fuzz -O "$target" -- \
+  scratch="target/fuzz-corpus/$target"
+  mkdir -p "$scratch"
+  if ! RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir tests/fuzz -O "$target" \
+    "$scratch" "tests/fuzz/corpus/$target" -- \
     -max_total_time="${BULKHEAD_FUZZ_SECONDS:-20}" > "$log" 2>&1; then
     tail -n 60 "$log"
     echo "fuzz target $target failed; the crashing input is under tests/fuzz/artifacts/$target" >&2
