@@ -209,7 +209,15 @@ pub fn markdown(r: &Report, s: &mut String) {
         }
     }
     if r.net_rx.iter().any(|p| !p.packed) {
-        let _ = writeln!(s, "\n## Net receive through vhost-user-net (frames injected into the TAP with sendmmsg)\n\nThe injector is one sender thread, pinned where the placement pins (one CPU: on the other CPU; two CPUs: on the driver's CPU, the device keeping its own), unpinned otherwise. The flood rows add a second thread: it adds no rate on a CPU it shares, but takes CPU time from the driver or the device, so they show what a competing sender costs, not the device's own rate.\n\n| frame | CPUs | injector | frames/s | Gbit/s | injected frames/s | received ÷ injected (bytes) | injector alone frames/s | CPU µs/frame driver + device | interrupts/frame |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+        let _ = writeln!(
+            s,
+            "\n## Net receive through vhost-user-net (frames injected into the TAP with sendmmsg)"
+        );
+        // Reports from before the one-thread injector ran two unpinned threads across CPUs.
+        if r.net_rx.iter().any(|p| p.injectors == 1) {
+            let _ = writeln!(s, "\nThe injector is one sender thread, pinned where the placement pins (one CPU: on the other CPU; two CPUs: on the driver's CPU, the device keeping its own), unpinned otherwise. The flood rows add a second thread: it adds no rate on a CPU it shares, but takes CPU time from the driver or the device, so they show what a competing sender costs, not the device's own rate.");
+        }
+        let _ = writeln!(s, "\n| frame | CPUs | injector | frames/s | Gbit/s | injected frames/s | received ÷ injected (bytes) | injector alone frames/s | CPU µs/frame driver + device | interrupts/frame |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
         for p in r.net_rx.iter().filter(|p| !p.packed) {
             let _ = writeln!(
                 s,
