@@ -433,23 +433,28 @@ fn blk_suite(opts: &Options) -> Result<Vec<BlkPoint>> {
     // The points one ratio compares: same backend, depth, block size and CPU placement.
     let key = |c: &BlkCase| (c.backend, c.depth, c.block, c.cpus);
     for group in interleave::groups(cases, key) {
-        // The latency target's points get the round trip of their own moment.
-        let mut rtts = Vec::new();
-        for case in &group {
-            rtts.push(
-                if case.depth == 1 && case.placement == BlkPlacement::OutOfProcess {
-                    round_trip_on(case.cpus, opts.quick)?
-                } else {
-                    None
-                },
-            );
-        }
+        // The latency target's points get the round trip of their own moments: measured right
+        // before each of their repetitions (cross-CPU wake-ups drift by tens of µs), the median
+        // reported beside the median latency.
+        let mut rtt_runs: Vec<Vec<f64>> = group.iter().map(|_| Vec::new()).collect();
         let points = interleave::round_robin(
             &group,
             opts.reps,
-            |case| blk::run(*case, &image.0, d, &opts.daemon_args),
+            |case| {
+                if case.depth == 1 && case.placement == BlkPlacement::OutOfProcess {
+                    if let Some(rtt) = round_trip_on(case.cpus, opts.quick)? {
+                        if let Some(i) = group.iter().position(|c| std::ptr::eq(c, case)) {
+                            rtt_runs[i].push(rtt);
+                        }
+                    }
+                }
+                blk::run(*case, &image.0, d, &opts.daemon_args)
+            },
             median_blk,
         )?;
+        let rtts = rtt_runs
+            .iter()
+            .map(|r| (!r.is_empty()).then(|| stats::median(r)));
         for ((case, mut p), rtt) in group.iter().zip(points).zip(rtts) {
             p.notify_rtt_us = rtt;
             eprintln!(
