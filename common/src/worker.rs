@@ -232,12 +232,7 @@ fn poll<H: QueueHandler>(
             Ok(0) if !sourced => {}
             Ok(_) => {
                 if let Err(e) = process_once(spec, &mem) {
-                    guest_warn!(
-                        queue = spec.index,
-                        "ring unusable until the frontend resets it: {e}"
-                    );
-                    spec.err.signal();
-                    *broken = true;
+                    ring_broke(spec, &e, broken);
                     return Polled::Idle {
                         since: last_work,
                         waiting: false,
@@ -286,6 +281,17 @@ fn process_once<H: QueueHandler>(
     ctx.flush()
 }
 
+/// The ring cannot be served any more: says so (rate-limited), tells the session through the
+/// error eventfd, and marks the worker broken until the frontend resets the ring.
+fn ring_broke<H>(spec: &WorkerSpec<H>, e: &RingError, broken: &mut bool) {
+    guest_warn!(
+        queue = spec.index,
+        "ring unusable until the frontend resets it: {e}"
+    );
+    spec.err.signal();
+    *broken = true;
+}
+
 /// Runs the handler until the ring is empty (or the handler saturated), with guest kicks
 /// suppressed meanwhile, then re-enables them and checks for a race with a late buffer.
 /// Returns whether the handler ended waiting on its own sources.
@@ -294,12 +300,7 @@ fn pass<H: QueueHandler>(spec: &mut WorkerSpec<H>, broken: &mut bool) -> bool {
     let waiting = match pass_inner(spec, &mem) {
         Ok(waiting) => waiting,
         Err(e) => {
-            guest_warn!(
-                queue = spec.index,
-                "ring unusable until the frontend resets it: {e}"
-            );
-            spec.err.signal();
-            *broken = true;
+            ring_broke(spec, &e, broken);
             false
         }
     };

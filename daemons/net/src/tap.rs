@@ -271,12 +271,14 @@ impl TapQueue {
 
     /// Writes one frame (with its virtio-net header) to the TAP.
     pub fn write_frame(&self, frame: &[u8]) -> Result<(), TapError> {
-        // SAFETY: writes `frame`, valid for its length, to our TAP descriptor.
-        let n = unsafe { libc::write(self.fd(), frame.as_ptr().cast(), frame.len()) };
-        if n < 0 {
-            return Err(TapError::Write(io::Error::last_os_error()));
-        }
-        Ok(())
+        let one = [libc::iovec {
+            iov_base: frame.as_ptr().cast_mut().cast(),
+            iov_len: frame.len(),
+        }];
+        // SAFETY: the one iovec describes `frame`, valid for reads for its length.
+        unsafe { self.send_gathered(&one) }
+            .map(|_| ())
+            .map_err(TapError::Write)
     }
 
     /// Writes one frame gathered from `iovs` (header first) to the TAP: bytes written.

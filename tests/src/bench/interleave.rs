@@ -18,18 +18,18 @@ pub fn groups<C, K: PartialEq>(cases: Vec<C>, key: impl Fn(&C) -> K) -> Vec<Vec<
     out
 }
 
-/// Runs every case of `group` once per repetition, in order, `reps` times; each case's runs
-/// combined, in the group's order.
+/// Runs every case of `group` once per repetition, in order, `reps` times (`run` gets each
+/// case's index in the group); each case's runs combined, in the group's order.
 pub fn round_robin<C, T>(
     group: &[C],
     reps: usize,
-    mut run: impl FnMut(&C) -> Result<T>,
+    mut run: impl FnMut(usize, &C) -> Result<T>,
     combine: impl Fn(&[T]) -> T,
 ) -> Result<Vec<T>> {
     let mut runs: Vec<Vec<T>> = group.iter().map(|_| Vec::new()).collect();
     for _ in 0..reps.max(1) {
-        for (c, r) in group.iter().zip(runs.iter_mut()) {
-            r.push(run(c)?);
+        for (i, (c, r)) in group.iter().zip(runs.iter_mut()).enumerate() {
+            r.push(run(i, c)?);
         }
     }
     Ok(runs.iter().map(|r| combine(r)).collect())
@@ -51,7 +51,8 @@ mod tests {
         let out = round_robin(
             &['a', 'b'],
             3,
-            |&c| {
+            |i, &c| {
+                assert_eq!(i, usize::from(c == 'b'));
                 order.push(c);
                 Ok(order.len())
             },

@@ -440,12 +440,12 @@ fn blk_suite(opts: &Options) -> Result<Vec<BlkPoint>> {
         let points = interleave::round_robin(
             &group,
             opts.reps,
-            |case| {
+            |i, case| {
                 if case.depth == 1 && case.placement == BlkPlacement::OutOfProcess {
-                    if let Some(rtt) = round_trip_on(case.cpus, opts.quick)? {
-                        if let Some(i) = group.iter().position(|c| std::ptr::eq(c, case)) {
-                            rtt_runs[i].push(rtt);
-                        }
+                    if let (Some(rtt), Some(runs)) =
+                        (round_trip_on(case.cpus, opts.quick)?, rtt_runs.get_mut(i))
+                    {
+                        runs.push(rtt);
                     }
                 }
                 blk::run(*case, &image.0, d, &opts.daemon_args)
@@ -583,7 +583,7 @@ fn net_tx_suite(opts: &Options) -> Result<Vec<NetPoint>> {
         let points = interleave::round_robin(
             &group,
             opts.reps,
-            |case| net::run_tx(*case, d, &opts.daemon_args),
+            |_, case| net::run_tx(*case, d, &opts.daemon_args),
             median_net,
         )?;
         for (case, point) in group.iter().zip(points) {
@@ -609,7 +609,7 @@ fn net_rx_suite(opts: &Options) -> Result<Vec<NetPoint>> {
         let points = interleave::round_robin(
             &group,
             opts.reps,
-            |case| net::run_rx(*case, d, &opts.daemon_args),
+            |_, case| net::run_rx(*case, d, &opts.daemon_args),
             median_net,
         )?;
         for (case, p) in group.iter().zip(points) {
