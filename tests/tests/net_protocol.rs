@@ -287,6 +287,79 @@ fn malformed_transmit_chains_are_dropped_counted_and_the_queue_goes_on() -> Resu
     Ok(())
 }
 
+/// More chains than one transmit batch takes, malformed ones among them, made available
+/// together: every good frame comes out of the TAP once and in order, and every chain is
+/// completed exactly once.
+#[test]
+fn a_burst_spanning_batches_with_malformed_chains_goes_out_in_order_each_completed_once(
+) -> Result<()> {
+    use bulkhead_tests::frontend::Buf;
+    use std::collections::BTreeSet;
+    use vm_memory::GuestAddress;
+    const GOOD: usize = 72;
+    let mut fx = NetFixture::start(&[])?;
+    let sock = fx.packet_socket(false)?;
+    let mut d: NetDriver = fx.driver(setup(1, true, offload_features()), 2048, 16, GOOD as u32)?;
+    let mem = d.fe.ram.mem().clone();
+    let scratch = GuestAddress(100 << 20);
+    let mut frames = Vec::new();
+    let mut heads = BTreeSet::new();
+    let mut bad = 0;
+    for i in 0..GOOD {
+        if i % 5 == 2 {
+            // Shorter than the virtio-net header.
+            let h = d.fe.queue(1).add(&mem, &[Buf::readable(scratch, 8)])?;
+            heads.insert(h.context("no room for a malformed chain")?);
+            bad += 1;
+        }
+        let frame = ethernet(SRC, ETHERTYPE, &pattern(i as u64, 50 + i * 7));
+        let h = d.submit_tx(0, &VnetHdr::default(), &frame, i % 3)?;
+        heads.insert(h.context("no transmit slot")?);
+        frames.push(frame);
+    }
+    ensure!(heads.len() == GOOD + bad, "heads were reused");
+    d.fe.queue(1).kick_now(&mem)?;
+    let mut completed = BTreeSet::new();
+    for _ in 0..heads.len() {
+        let u = d.fe.queue(1).wait(&mem, W)?;
+        ensure!(
+            u.len == 0,
+            "transmit chain {} completed with length {}",
+            u.head,
+            u.len
+        );
+        ensure!(completed.insert(u.head), "chain {} completed twice", u.head);
+    }
+    ensure!(
+        completed == heads,
+        "completed chains differ from those made available"
+    );
+    ensure!(
+        d.fe.queue(1).poll(&mem)?.is_none(),
+        "a completion beyond the chains made available"
+    );
+    for (i, want) in frames.iter().enumerate() {
+        ensure!(
+            &recv_ours(&sock)? == want,
+            "frame {i} missing or out of order"
+        );
+    }
+    // SAFETY: signalling our child.
+    unsafe { libc::kill(fx.daemon.pid() as i32, libc::SIGUSR1) };
+    let counters = format!("packets={GOOD} ");
+    let errors = format!("errors={bad}");
+    bulkhead_tests::daemon::eventually(W, "counters in the log", || {
+        Ok(fx
+            .daemon
+            .log()
+            .lines()
+            .any(|l| l.contains("queue=1 ") && l.contains(&counters) && l.contains(&errors)))
+    })
+    .with_context(|| fx.daemon.log())?;
+    fx.daemon.stop_with(libc::SIGTERM, W)?;
+    Ok(())
+}
+
 #[test]
 fn print_capabilities_says_net() -> Result<()> {
     let out = std::process::Command::new(bulkhead_tests::daemon::binary("vhost-user-net")?)

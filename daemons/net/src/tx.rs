@@ -1,6 +1,13 @@
 //! Transmit: each chain the guest makes available is one frame (virtio-net header + data),
-//! written to the TAP with one `writev` straight from guest memory. A malformed chain is dropped,
-//! counted and completed; the queue goes on. Chains complete in order.
+//! written to the TAP with one `write`/`writev` straight from guest memory. A malformed chain is
+//! dropped, counted and completed; the queue goes on. Chains complete in order.
+//!
+//! Chains are handled in batches: up to [`BATCH`] are taken from the ring, then their frames are
+//! written, then they are completed. Taking, writing and completing one chain at a time runs the
+//! ring code between two kernel TAP writes that evict it from the caches; batched, each of the
+//! three loops stays warm. A/B with the harness (daemons alternated three times, 64 B frames):
+//! 1.16-1.21M -> 1.27-1.30M frames/s with the two CPUs pinned, 1.10-1.19M -> 1.27-1.29M
+//! unpinned, 1.20-1.25M -> 1.28-1.32M on one CPU; device CPU per frame 0.82-0.86 -> 0.77 µs.
 
 use std::sync::Arc;
 
@@ -18,11 +25,35 @@ pub struct TxQueue {
     stats: Arc<QueueStats>,
     hdr_len: usize,
     descs: Vec<Desc>,
+    /// One frame's iovecs, as built.
+    frame_iovs: Vec<libc::iovec>,
+    /// The batch's iovecs, frame after frame.
     iovs: Vec<libc::iovec>,
+    batch: Vec<Taken>,
 }
 
-// SAFETY: `iovs` holds scratch pointers rebuilt for every frame and used only on the queue's own
-// thread.
+/// A chain taken for the current batch, and the frame to write for it (none when the chain
+/// was refused).
+#[derive(Debug, Clone)]
+struct Taken {
+    head: u16,
+    frame: Option<Frame>,
+}
+
+/// A frame to write: its iovecs in the batch's, and its length without the virtio-net header.
+#[derive(Debug, Clone)]
+struct Frame {
+    iovs: std::ops::Range<usize>,
+    len: usize,
+}
+
+/// Chains taken before any is written (see the module's comment).
+const BATCH: usize = 32;
+/// A batch also ends once it holds this many iovecs (a guest's long chains keep it small).
+const BATCH_IOVECS: usize = 64;
+
+// SAFETY: `frame_iovs` and `iovs` hold scratch pointers into guest memory, rebuilt for every
+// batch and used only on the queue's own thread, within the pass that built them.
 unsafe impl Send for TxQueue {}
 
 /// Why a transmit chain is refused.
@@ -60,58 +91,105 @@ impl TxQueue {
             stats,
             hdr_len,
             descs: Vec::new(),
+            frame_iovs: Vec::new(),
             iovs: Vec::new(),
+            batch: Vec::with_capacity(BATCH),
         }
     }
 
-    fn send(&mut self, ctx: &QueueCtx<'_>) -> Result<usize, TxError> {
+    /// Checks the chain in `descs` and appends its iovecs to the batch's.
+    fn gather(&mut self, ctx: &QueueCtx<'_>) -> Result<Frame, TxError> {
         let total = check_tx_chain(&self.descs, self.hdr_len)?;
-        self.iovs.clear();
         if iov::build(
             ctx.mem(),
             self.descs.iter().map(|d| (d.addr, d.len)),
-            &mut self.iovs,
+            &mut self.frame_iovs,
         )
         .is_err()
         {
             return Err(TxError::Unmapped);
         }
-        // SAFETY: the iovecs point into guest memory kept mapped by `ctx` for this pass.
-        if let Err(e) = unsafe { self.tap.send_gathered(&self.iovs) } {
-            // A full TAP queue drops like a full NIC ring would; the guest's TCP recovers.
-            if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::ENOBUFS)) {
-                self.stats.drop_one();
-            } else {
-                guest_warn!("TAP write failed: {e}");
-                self.stats.error();
-            }
-            return Ok(0);
+        let start = self.iovs.len();
+        self.iovs.extend_from_slice(&self.frame_iovs);
+        Ok(Frame {
+            iovs: start..self.iovs.len(),
+            len: usize::try_from(total)
+                .unwrap_or(0)
+                .saturating_sub(self.hdr_len),
+        })
+    }
+
+    /// Takes up to a batch of chains into `batch`. On a ring error the chains taken before it
+    /// stay in `batch`, to be written and completed all the same.
+    fn take_batch(&mut self, ctx: &mut QueueCtx<'_>) -> Result<(), RingError> {
+        self.batch.clear();
+        self.iovs.clear();
+        while self.batch.len() < BATCH && self.iovs.len() < BATCH_IOVECS {
+            let mut descs = std::mem::take(&mut self.descs);
+            let popped = ctx.pop(&mut descs);
+            self.descs = descs;
+            let Some(chain) = popped? else {
+                return Ok(());
+            };
+            let frame = match chain.error {
+                Some(e) => {
+                    guest_warn!(head = chain.head, "malformed transmit chain: {e}");
+                    self.stats.error();
+                    None
+                }
+                None => match self.gather(ctx) {
+                    Ok(frame) => Some(frame),
+                    Err(e) => {
+                        guest_warn!(head = chain.head, "transmit chain dropped: {e}");
+                        self.stats.error();
+                        None
+                    }
+                },
+            };
+            self.batch.push(Taken {
+                head: chain.head,
+                frame,
+            });
         }
-        let frame = usize::try_from(total)
-            .unwrap_or(0)
-            .saturating_sub(self.hdr_len);
-        self.stats.packet(frame);
-        Ok(frame)
+        Ok(())
+    }
+
+    /// Writes the batch's frames to the TAP.
+    fn send_batch(&self) {
+        for frame in self.batch.iter().filter_map(|t| t.frame.as_ref()) {
+            let Some(iovs) = self.iovs.get(frame.iovs.clone()) else {
+                continue;
+            };
+            // SAFETY: the iovecs point into guest memory kept mapped by the pass's context,
+            // which outlives the batch.
+            if let Err(e) = unsafe { self.tap.send_gathered(iovs) } {
+                // A full TAP queue drops like a full NIC ring would; the guest's TCP recovers.
+                if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::ENOBUFS)) {
+                    self.stats.drop_one();
+                } else {
+                    guest_warn!("TAP write failed: {e}");
+                    self.stats.error();
+                }
+                continue;
+            }
+            self.stats.packet(frame.len);
+        }
     }
 }
 
 impl QueueHandler for TxQueue {
     fn process(&mut self, ctx: &mut QueueCtx<'_>) -> Result<Progress, RingError> {
         loop {
-            let mut descs = std::mem::take(&mut self.descs);
-            let popped = ctx.pop(&mut descs);
-            self.descs = descs;
-            let Some(chain) = popped? else {
+            let taken = self.take_batch(ctx);
+            if self.batch.is_empty() {
+                taken?;
                 return Ok(Progress::Idle);
-            };
-            if let Some(e) = chain.error {
-                guest_warn!(head = chain.head, "malformed transmit chain: {e}");
-                self.stats.error();
-            } else if let Err(e) = self.send(ctx) {
-                guest_warn!(head = chain.head, "transmit chain dropped: {e}");
-                self.stats.error();
             }
-            ctx.complete(chain.head, 0)?;
+            self.send_batch();
+            for t in &self.batch {
+                ctx.complete(t.head, 0)?;
+            }
+            taken?;
         }
     }
 
