@@ -5,9 +5,10 @@
 //! Chains are handled in batches: up to [`BATCH`] are taken from the ring, then their frames are
 //! written, then they are completed. Taking, writing and completing one chain at a time runs the
 //! ring code between two kernel TAP writes that evict it from the caches; batched, each of the
-//! three loops stays warm. A/B with the harness (daemons alternated three times, 64 B frames):
-//! 1.16-1.21M -> 1.27-1.30M frames/s with the two CPUs pinned, 1.10-1.19M -> 1.27-1.29M
-//! unpinned, 1.20-1.25M -> 1.28-1.32M on one CPU; device CPU per frame 0.82-0.86 -> 0.77 µs.
+//! three loops stays warm. A/B with the harness, the daemons alternated seven times, 64 B frames,
+//! medians (tests/results/2026-12-04c/before-after-net-tx.txt): 1.05M -> 1.14M frames/s across
+//! two pinned CPUs (device CPU 0.95 -> 0.87 µs a frame), 1.06M -> 1.12M unpinned, 1.12M -> 1.18M
+//! on one CPU.
 
 use std::sync::Arc;
 
