@@ -9,6 +9,10 @@
 //! medians (tests/results/2026-12-04c/before-after-net-tx.txt): 1.05M -> 1.14M frames/s across
 //! two pinned CPUs (device CPU 0.95 -> 0.87 µs a frame), 1.06M -> 1.12M unpinned, 1.12M -> 1.18M
 //! on one CPU.
+//!
+//! A crash between a batch's writes and its completions leaves those chains uncompleted: the
+//! frontend resumes the restarted daemon from the used index, so their frames go out again.
+//! Up to a batch of duplicate frames is what a network tolerates from a NIC that retransmits.
 
 use std::sync::Arc;
 
