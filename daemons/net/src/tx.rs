@@ -30,7 +30,8 @@ pub struct TxQueue {
     stats: Arc<QueueStats>,
     hdr_len: usize,
     descs: Vec<Desc>,
-    /// One frame's iovecs, as built.
+    /// One frame's iovecs, built apart from the batch's so that the iovec limit `iov::build`
+    /// enforces stays the frame's own, wherever in the batch it lands.
     frame_iovs: Vec<libc::iovec>,
     /// The batch's iovecs, frame after frame.
     iovs: Vec<libc::iovec>,
@@ -39,14 +40,14 @@ pub struct TxQueue {
 
 /// A chain taken for the current batch, and the frame to write for it (none when the chain
 /// was refused).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Taken {
     head: u16,
     frame: Option<Frame>,
 }
 
 /// A frame to write: its iovecs in the batch's, and its length without the virtio-net header.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Frame {
     iovs: std::ops::Range<usize>,
     len: usize,
